@@ -1,0 +1,35 @@
+# vae_sweeps: `make help` lists the targets. Extra Hydra overrides go in ARGS="...".
+PYTHON ?= python3
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
+# The CPU build of torch; set TORCH="torch" (or a CUDA build) on a GPU machine.
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train sweep test ui clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: ## Create .venv and install torch, the project (editable) and the test tools
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -e ".[dev]"
+
+train: ## Train the default job (mlp3, bce, latent 2, c=1, MNIST); ARGS="model=cnn ..." to change it
+	$(PY) -m vae_sweeps $(ARGS)
+
+sweep: ## Sweep the four architectures (Hydra multirun); ARGS adds overrides
+	$(PY) -m vae_sweeps -m model=mlp2,mlp3,mlp4,cnn $(ARGS)
+
+test: ## Run the test suite
+	$(PY) -m pytest
+
+ui: ## Open the MLflow UI on http://127.0.0.1:5000 over mlruns/
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## Remove outputs/ (logs, local checkpoints) and caches; keeps mlruns/ and data/
+	rm -rf outputs multirun .pytest_cache
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny generated datasets in torchvision's layout, composed configs, and
+a helper to run the CLI in a subprocess against a temporary MLflow store."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+# Tests never phone home (MLflow 3 sends usage telemetry by default).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# Tiny datasets: 96 training images (the last 16 for validation), 32 test images.
+N_TRAIN, N_TEST, VAL_SIZE, BATCH = 96, 32, 16, 16
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An uint8 array as IDX bytes: magic 0x0000 08 <ndim>, big-endian dims, data."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write ``array`` as an IDX file, gzipped when ``path`` ends in .gz."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = idx_bytes(array)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def fake_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images of class k: a bright 8x8 square at a class-dependent place, over faint noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+    for image, k in zip(images, labels):
+        row, col = 2 + (k // 5) * 14, 2 + (k % 5) * 5
+        image[row:row + 8, col:col + 8] = 255
+    return images, labels.astype(np.uint8)
+
+
+def write_dataset(root: Path, folder: str, gz: bool = True) -> Path:
+    raw = root / folder / "raw"
+    suffix = ".gz" if gz else ""
+    for prefix, n, seed in (("train", N_TRAIN, 0), ("t10k", N_TEST, 1)):
+        images, labels = fake_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A data root with tiny MNIST (gzipped) and Fashion-MNIST (plain) files."""
+    root = tmp_path_factory.mktemp("datasets")
+    write_dataset(root, "MNIST", gz=True)
+    write_dataset(root, "FashionMNIST", gz=False)
+    return root
+
+
+def tiny_overrides(tmp_path: Path, tiny_root: Path) -> list[str]:
+    """Overrides that make a job train for 2 short epochs on the tiny data, into tmp_path."""
+    return [
+        f"data.root={tiny_root}",
+        f"data.val_size={VAL_SIZE}",
+        f"data.batch_size={BATCH}",
+        "data.download=false",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
+    ]
+
+
+def compose_tiny(tmp_path: Path, tiny_root: Path, *overrides: str):
+    """The project's config composed as the CLI would, for a tiny job writing into tmp_path."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[
+            *tiny_overrides(tmp_path, tiny_root), f"paths.output_dir={tmp_path / 'out'}", *overrides])
+
+
+@pytest.fixture
+def make_cfg(tmp_path, tiny_root, monkeypatch):
+    """compose_tiny into this test's tmp_path, with MLFLOW_TRACKING_URI unset."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return lambda *overrides: compose_tiny(tmp_path, tiny_root, *overrides)
+
+
+def store(tmp_path: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+
+
+def all_runs(tmp_path: Path) -> list:
+    """Every run in the tmp store, of every experiment; [] if no store was created."""
+    if not (tmp_path / "mlruns" / "mlflow.db").exists():
+        return []
+    client = store(tmp_path)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids) if ids else []
+
+
+def run_cli(tmp_path: Path, tiny_root: Path, *args: str, flags: tuple[str, ...] = (),
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m vae_sweeps <flags> <tiny overrides> <args>`` in tmp_path (outputs/ go there)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "vae_sweeps", *flags, *tiny_overrides(tmp_path, tiny_root), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+    )

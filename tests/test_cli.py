@@ -1,0 +1,101 @@
+"""The command line: bad input is refused before training, and a multirun tracks every job."""
+
+import re
+
+import pytest
+from conftest import all_runs, run_cli, store
+
+from vae_sweeps.errors import ConfigError
+from vae_sweeps.train import train
+
+BAD_INPUT = [  # (overrides, what the message must say)
+    (["model.name=resnet"], "model.name='resnet' is not allowed: choose one of mlp2, mlp3, mlp4, cnn"),
+    (["model.latent_dim=0"], "model.latent_dim=0 is not allowed: it must be a positive integer"),
+    (["model.latent_dim=-3"], "model.latent_dim=-3 is not allowed: it must be a positive integer"),
+    (["model.latent_dim=2.5"], "model.latent_dim=2.5 is not allowed: it must be a positive integer"),
+    (["model.latent_dim=two"], "model.latent_dim='two' is not allowed: it must be a positive integer"),
+    (["model=mlp3", "model.hidden=[400]"], "model.hidden=[400] is not allowed: it must be a list of exactly 2"),
+    (["model=cnn", "model.channels=[]"], "model.channels=[] is not allowed: it must be a list of at least 1"),
+    (["loss.name=huber"], "loss.name='huber' is not allowed: choose one of bce, l1, l2"),
+    (["loss.c=0"], "loss.c=0 is not allowed: it must be a finite number > 0"),
+    (["loss.c=-1.5"], "loss.c=-1.5 is not allowed: it must be a finite number > 0"),
+    (["loss.c=nan"], "loss.c=nan is not allowed: it must be a finite number > 0"),
+    (["loss.c=inf"], "loss.c=inf is not allowed: it must be a finite number > 0"),
+    (["data.name=cifar10"], "data.name='cifar10' is not allowed: choose one of mnist, fashion_mnist"),
+    (["data.batch_size=0"], "data.batch_size=0 is not allowed: it must be a positive integer"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0 is not allowed: it must be a positive integer"),
+    (["optim.lr=-0.1"], "optim.lr=-0.1 is not allowed: it must be a finite number > 0"),
+    (["seed=-1"], "seed=-1 is not allowed: it must be an integer >= 0"),
+]
+
+
+@pytest.fixture
+def tracked_run(tmp_path):
+    """A store that already holds one FINISHED run, which bad input must leave alone."""
+    client = store(tmp_path)
+    experiment = client.create_experiment("vae_sweeps", artifact_location=(tmp_path / "mlruns" / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    client.log_metric(run.info.run_id, "test/loss", 140.0)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@pytest.mark.parametrize("overrides, message", BAD_INPUT, ids=[" ".join(o) for o, _ in BAD_INPUT])
+def test_bad_input_is_refused_before_a_run_starts(make_cfg, tmp_path, tracked_run, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(*overrides))
+    assert message in str(err.value)
+    runs = all_runs(tmp_path)
+    assert [(r.info.run_id, r.info.status, r.data.metrics) for r in runs] == [(tracked_run, "FINISHED", {"test/loss": 140.0})]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_data_root_that_is_a_file(make_cfg, tmp_path):
+    not_a_dir = tmp_path / "datasets.tar"
+    not_a_dir.write_text("")
+    with pytest.raises(ConfigError, match=f"data.root='{re.escape(str(not_a_dir))}' is not allowed: it must be a directory"):
+        train(make_cfg(f"data.root={not_a_dir}"))
+    assert all_runs(tmp_path) == []
+
+
+def test_cli_prints_one_paragraph_and_exits_2(tmp_path, tiny_root):
+    done = run_cli(tmp_path, tiny_root, "loss.c=-1")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: loss.c=-1 is not allowed: it must be a finite number > 0, e.g. loss.c=1.0.")
+    assert "Traceback" not in done.stderr + done.stdout
+    assert all_runs(tmp_path) == []
+
+
+def test_cli_missing_data_says_where_it_looked(tmp_path, tiny_root):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = run_cli(tmp_path, tiny_root, f"data.root={empty}", "data=fashion_mnist")
+    assert done.returncode == 2
+    assert f"are missing from {empty}/FashionMNIST/raw" in done.stderr
+    assert "VAE_SWEEPS_DATA_DIR" in done.stderr and "Traceback" not in done.stderr
+    assert all_runs(tmp_path) == []
+
+
+def test_cli_unknown_config_group_option_lists_the_allowed_ones(tmp_path, tiny_root):
+    done = run_cli(tmp_path, tiny_root, "model=resnet")
+    assert done.returncode == 1
+    assert "Could not find 'model/resnet'" in done.stderr
+    assert all(name in done.stderr for name in ("cnn", "mlp2", "mlp3", "mlp4"))
+    assert all_runs(tmp_path) == []
+
+
+def test_multirun_tracks_each_job_with_one_sweep_id(tmp_path, tiny_root):
+    done = run_cli(tmp_path, tiny_root, "model=mlp2,cnn", "trainer.max_epochs=1", flags=("-m",))
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = all_runs(tmp_path)
+    assert sorted(r.data.params["model.name"] for r in runs) == ["cnn", "mlp2"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    sweep_ids = {r.data.tags.get("sweep_id") for r in runs}
+    assert len(sweep_ids) == 1 and None not in sweep_ids
+    # each job printed its own run id, and wrote its outputs under outputs/multirun/<time>/<job>
+    printed = set(re.findall(r"MLflow run id: (\w+)", done.stdout))
+    assert printed == {r.info.run_id for r in runs}
+    job_dirs = [p for p in (tmp_path / "outputs" / "multirun").glob("*/*") if p.is_dir()]
+    assert sorted(p.name for p in job_dirs) == ["0", "1"]
+    assert {r.data.tags["output_dir"] for r in runs} == {str(p) for p in job_dirs}

@@ -1,0 +1,100 @@
+"""One tracked run end to end on tiny generated data: what MLflow must hold afterwards."""
+
+import subprocess
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, all_runs, compose_tiny, store
+from mlflow import MlflowClient
+
+from vae_sweeps.module import VAEModule
+from vae_sweeps.train import train
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_root):
+    """One run of the default job (mlp3, bce, latent 2) with c = 2, trained for 2 epochs."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        result = train(compose_tiny(tmp_path, tiny_root, "loss.c=2", "seed=7"))
+    client = store(tmp_path)
+    return tmp_path, result, client, client.get_run(result["run_id"])
+
+
+def test_the_run_is_finished_and_named(finished):
+    tmp_path, result, client, run = finished
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "mlp3-bce-z2-c2-mnist-s7"
+    assert len(all_runs(tmp_path)) == 1
+
+
+def test_params_are_the_flattened_config(finished):
+    params = finished[3].data.params
+    expected = {"model.name": "mlp3", "model.latent_dim": "2", "model.hidden": "[512, 256]",
+                "loss.name": "bce", "loss.c": "2.0", "data.name": "mnist", "seed": "7",
+                "trainer.max_epochs": "2", "data.batch_size": "16", "optim.name": "adam", "optim.lr": "0.001"}
+    assert {k: params.get(k) for k in expected} == expected
+    assert not any(k.startswith(("tracking.", "paths.")) or k == "data.root" for k in params)
+
+
+def test_metrics_per_epoch_and_on_the_test_set(finished):
+    _, result, client, run = finished
+    for stage in ("train", "val"):
+        for name in ("loss", "recon", "kl"):
+            history = client.get_metric_history(run.info.run_id, f"{stage}/{name}")
+            assert [m.step for m in history] == [1, 2], f"{stage}/{name}"
+    metrics = run.data.metrics
+    for name in ("loss", "recon", "kl"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"test/{name}")] == [2]
+        assert metrics[f"test/{name}"] == pytest.approx(result[f"test/{name}"])
+    # loss = c * recon + kl with c = 2, as per-image means
+    for stage in ("train", "val", "test"):
+        assert metrics[f"{stage}/loss"] == pytest.approx(2 * metrics[f"{stage}/recon"] + metrics[f"{stage}/kl"], rel=1e-5)
+    assert metrics["test/kl"] > 0 and metrics["test/recon"] > 0
+
+
+def test_artifacts_config_and_a_safe_loading_checkpoint(finished):
+    tmp_path, _, client, run = finished
+    run_id = run.info.run_id
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "checkpoints"}
+    config = yaml.safe_load(open(client.download_artifacts(run_id, "config.yaml", str(tmp_path))))
+    assert config["model"]["name"] == "mlp3" and config["loss"]["c"] == 2.0 and config["seed"] == 7
+    # artifacts live under mlruns/, beside the database
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
+    checkpoint = client.download_artifacts(run_id, "checkpoints/last.ckpt", str(tmp_path))
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 2 and state["hyper_parameters"]["model"]["hidden"] == [512, 256]
+    module = VAEModule.load_from_checkpoint(checkpoint, weights_only=True)
+    assert module.vae.c == 2.0 and module.vae.latent_dim == 2
+
+
+def test_tags_git_commit_and_no_sweep_id_for_a_single_run(finished):
+    tags = finished[3].data.tags
+    assert "sweep_id" not in tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+        assert tags["git_dirty"] in ("True", "False")
+
+
+def test_a_job_that_raises_is_marked_failed_with_its_reason(make_cfg, tmp_path, monkeypatch):
+    def explode(self, batch, batch_idx):
+        raise RuntimeError("boom in training_step")
+
+    monkeypatch.setattr(VAEModule, "training_step", explode)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(make_cfg())
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: boom in training_step"
+
+
+def test_mlflow_tracking_uri_wins_over_the_config(make_cfg, tmp_path, monkeypatch):
+    other = tmp_path / "team-store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}/mlflow.db")
+    result = train(make_cfg("trainer.max_epochs=1", "model=mlp2"))
+    assert all_runs(tmp_path) == []
+    run = MlflowClient(f"sqlite:///{other}/mlflow.db").get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "mlp2"
