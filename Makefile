@@ -5,12 +5,17 @@ PY ?= $(VENV)/bin/python
 # The CPU build of torch; set TORCH="torch" (or a CUDA build) on a GPU machine.
 TORCH ?= torch==2.13.0
 ARGS ?=
+# The parts of the study (conf/experiment/), and what study-quick changes: 1 seed, 4 epochs.
+STUDY ?= table1 table2 table3 c_sweep fashion
+QUICK ?= seed=0 trainer.max_epochs=4
+# Every part in turn; a part with failed jobs does not stop the others, but fails the target.
+run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep test ui clean
+.PHONY: help install train sweep study study-quick report test ui clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: ## Create .venv and install torch, the project (editable) and the test tools
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +28,15 @@ train: ## Train the default job (mlp3, bce, latent 2, c=1, MNIST); ARGS="model=c
 
 sweep: ## Sweep the four architectures (Hydra multirun); ARGS adds overrides
 	$(PY) -m vae_sweeps -m model=mlp2,mlp3,mlp4,cnn $(ARGS)
+
+study: ## Run every part of the study: 3 seeds, 30 epochs (hours on a CPU)
+	@$(call run_study,$(ARGS))
+
+study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (<20 min on 2 CPU cores)
+	@$(call run_study,$(QUICK) $(ARGS))
+
+report: ## Rebuild the study's tables and figures from MLflow into reports/ (no training)
+	$(PY) -m vae_sweeps.report
 
 test: ## Run the test suite
 	$(PY) -m pytest

@@ -110,6 +110,13 @@ def all_runs(tmp_path: Path) -> list:
     return client.search_runs(ids) if ids else []
 
 
+def png_size(path) -> tuple[int, int]:
+    """(width, height) of a PNG file, after checking its signature and header chunk."""
+    data = Path(path).read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
 def run_cli(tmp_path: Path, tiny_root: Path, *args: str, flags: tuple[str, ...] = (),
             timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m vae_sweeps <flags> <tiny overrides> <args>`` in tmp_path (outputs/ go there)."""

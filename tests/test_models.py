@@ -36,9 +36,9 @@ def test_shapes(name, latent_dim):
 
 
 @pytest.mark.parametrize("name, widths", [
-    ("mlp2", [(784, 512), (512, 4)]),
-    ("mlp3", [(784, 512), (512, 256), (256, 4)]),
-    ("mlp4", [(784, 512), (512, 256), (256, 128), (128, 4)]),
+    ("mlp2", [(784, 1024), (1024, 4)]),
+    ("mlp3", [(784, 1024), (1024, 512), (512, 4)]),
+    ("mlp4", [(784, 1024), (1024, 512), (512, 256), (256, 4)]),
 ])
 def test_mlp_layers_are_the_documented_widths_and_the_decoder_mirrors_them(name, widths):
     vae = make_module(name, 2).vae

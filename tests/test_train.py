@@ -5,9 +5,10 @@ import subprocess
 import pytest
 import torch
 import yaml
-from conftest import ROOT, all_runs, compose_tiny, store
+from conftest import ROOT, all_runs, compose_tiny, png_size, store
 from mlflow import MlflowClient
 
+from vae_sweeps import figures
 from vae_sweeps.module import VAEModule
 from vae_sweeps.train import train
 
@@ -32,7 +33,7 @@ def test_the_run_is_finished_and_named(finished):
 
 def test_params_are_the_flattened_config(finished):
     params = finished[3].data.params
-    expected = {"model.name": "mlp3", "model.latent_dim": "2", "model.hidden": "[512, 256]",
+    expected = {"model.name": "mlp3", "model.latent_dim": "2", "model.hidden": "[1024, 512]",
                 "loss.name": "bce", "loss.c": "2.0", "data.name": "mnist", "seed": "7",
                 "trainer.max_epochs": "2", "data.batch_size": "16", "optim.name": "adam", "optim.lr": "0.001"}
     assert {k: params.get(k) for k in expected} == expected
@@ -65,9 +66,19 @@ def test_artifacts_config_and_a_safe_loading_checkpoint(finished):
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
     checkpoint = client.download_artifacts(run_id, "checkpoints/last.ckpt", str(tmp_path))
     state = torch.load(checkpoint, weights_only=True)
-    assert state["epoch"] == 2 and state["hyper_parameters"]["model"]["hidden"] == [512, 256]
+    assert state["epoch"] == 2 and state["hyper_parameters"]["model"]["hidden"] == [1024, 512]
     module = VAEModule.load_from_checkpoint(checkpoint, weights_only=True)
     assert module.vae.c == 2.0 and module.vae.latent_dim == 2
+
+
+def test_figures_are_logged_at_the_end_of_the_run(finished):
+    tmp_path, _, client, run = finished
+    logged = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, "figures")}
+    names = ["reconstructions", "latent_scatter", "samples", "loss_curves", "grid_2d", "quantile_grid"]
+    assert sorted(logged) == sorted(f"figures/{n}.png" for n in names)  # no traversal_1d at dim 2
+    for name in names:
+        local = client.download_artifacts(run.info.run_id, f"figures/{name}.png", str(tmp_path))
+        assert png_size(local) == figures.SIZES[name], name
 
 
 def test_tags_git_commit_and_no_sweep_id_for_a_single_run(finished):

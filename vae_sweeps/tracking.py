@@ -23,11 +23,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from omegaconf import DictConfig, OmegaConf
 
+from vae_sweeps.config import flatten
+
 log = logging.getLogger(__name__)
 
 SWEEP_ID_ENV = "VAE_SWEEPS_SWEEP_ID"
 # Not params: machine-specific paths, and the tracking URI (it may hold credentials).
-NOT_PARAMS = ("paths", "tracking", "data.root")
+NOT_PARAMS = ("hydra", "paths", "tracking", "tags", "data.root")
 
 
 # ---------------------------------------------------------------------------- the store
@@ -78,20 +80,7 @@ def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
     """The resolved config as flat ``group.key`` params, without paths and tracking settings."""
-    flat: dict[str, str] = {}
-
-    def walk(node, prefix: str) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if name in NOT_PARAMS:
-                continue
-            if isinstance(value, dict):
-                walk(value, f"{name}.")
-            else:
-                flat[name] = str(value)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    return flatten(cfg, NOT_PARAMS)
 
 
 def redact(uri: str) -> str:
@@ -138,7 +127,8 @@ def new_sweep_id() -> str:
 
 def start_run(client: MlflowClient, experiment_id: str, cfg: DictConfig, output_dir: Path) -> str:
     """Create the run of one job and log its params, tags and resolved config."""
-    tags = {"mlflow.source.name": "vae_sweeps", "output_dir": str(output_dir), **git_tags()}
+    tags = {"mlflow.source.name": "vae_sweeps", "output_dir": str(output_dir), **git_tags(),
+            **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
     try:
         tags["mlflow.user"] = getpass.getuser()
     except Exception:  # no user name in some containers
@@ -182,6 +172,8 @@ class PrepareTracking(Callback):
     and give the sweep an id that every job tags its run with."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.sweeper.get("dry_run"):
+            return
         open_store(resolve_uri(config.tracking.uri), config.tracking.experiment)
         os.environ[SWEEP_ID_ENV] = new_sweep_id()
         log.info("Sweep id %s", os.environ[SWEEP_ID_ENV])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from vae_sweeps import tracking
+from vae_sweeps import figures, tracking
 from vae_sweeps.config import validate
 from vae_sweeps.data import ImageDataModule
 from vae_sweeps.module import VAEModule
@@ -46,6 +46,19 @@ def make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], output_dir: Path
                       default_root_dir=output_dir)
 
 
+def caption(cfg: DictConfig, run_id: str) -> str:
+    return (f"{cfg.model.name} | {cfg.loss.name} | latent dim {cfg.model.latent_dim} | c = {cfg.loss.c:g} | "
+            f"{cfg.data.name} | seed {cfg.seed} | {cfg.trainer.max_epochs} epochs | run {run_id[:8]}")
+
+
+def log_figures(client, run_id: str, module: VAEModule, datamodule: ImageDataModule, text: str) -> None:
+    curves = {stage: [(m.step, m.value) for m in client.get_metric_history(run_id, f"{stage}/loss")]
+              for stage in ("train", "val")}
+    images, labels = datamodule.splits["test"]
+    for name, fig in figures.run_figures(module.vae, images, labels, datamodule.classes, curves, text).items():
+        client.log_figure(run_id, fig, f"figures/{name}.png")
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one job of the study; returns its test metrics and MLflow run id.
 
@@ -71,6 +84,7 @@ def train(cfg: DictConfig) -> dict:
         checkpoint = output_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(checkpoint, weights_only=False)  # with optimizer state
         client.log_artifact(run_id, str(checkpoint), "checkpoints")
+        log_figures(client, run_id, module, datamodule, caption(cfg, run_id))
     except BaseException as err:
         interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
         client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])

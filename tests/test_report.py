@@ -1,0 +1,141 @@
+"""`make report` on a handful of real short runs (tiny data): tables, gaps, exclusions, figures."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import compose_tiny, png_size, store
+from matplotlib.image import imread
+from mlflow.entities import Metric, Param
+
+from vae_sweeps import figures
+from vae_sweeps.report import TITLE_BAND, build_report
+from vae_sweeps.train import train
+
+# (overrides, seed) of the real runs; mlp3/bce/z2 runs twice, so its cells have n = 2.
+RUNS = [("model.latent_dim=2", 0), ("model.latent_dim=2", 1), ("loss=l1", 0), ("loss=l2", 0),
+        ("model.latent_dim=1", 0), ("model.latent_dim=20", 0)]
+
+
+def fake_run(client, experiment_id, params: dict, metrics: dict, status: str, start_time: int) -> str:
+    run = client.create_run(experiment_id, start_time=start_time)
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                     metrics=[Metric(k, v, 0, 1) for k, v in metrics.items()])
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, tiny_root):
+    tmp_path = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        results = [train(compose_tiny(tmp_path, tiny_root, overrides, f"seed={seed}", "model=mlp3"))
+                   for overrides, seed in RUNS]
+    client = store(tmp_path)
+    base = client.get_run(results[0]["run_id"])
+    experiment_id, params = base.info.experiment_id, base.data.params
+    poison = {"test/loss": 1e6, "test/recon": 1e6, "test/kl": 1e6}
+    fakes = {
+        # a FAILED run of the same configuration: never counted
+        "failed": fake_run(client, experiment_id, {**params, "seed": "2"}, poison, "FAILED", base.info.start_time + 1),
+        # an older run of seed 0: the latest run of a seed is the one that counts
+        "older": fake_run(client, experiment_id, params, poison, "FINISHED", base.info.start_time - 10_000),
+        # a 1-epoch run of the same settings: a smaller budget, so not the group shown
+        "short": fake_run(client, experiment_id, {**params, "trainer.max_epochs": "1"}, poison, "FINISHED",
+                          base.info.start_time + 2),
+    }
+    out = tmp_path / "reports"
+    return build_report(client, "vae_sweeps", out), results, fakes, out
+
+
+def test_table_values_are_the_mean_and_std_of_the_logged_metrics(report):
+    built, results, fakes, out = report
+    table = pd.read_csv(out / "table2.csv").set_index("loss.name")
+    pair = [results[0], results[1]]  # mlp3 / bce / latent 2, seeds 0 and 1
+    for column, metric in (("recon", "test/recon"), ("kl", "test/kl"), ("total", "test/loss")):
+        values = np.array([r[metric] for r in pair])
+        assert table.loc["bce", f"test_{column}_mean"] == pytest.approx(values.mean())
+        assert table.loc["bce", f"test_{column}_std"] == pytest.approx(values.std(ddof=1))
+    assert table.loc["bce", "n"] == 2 and table.loc["bce", "epochs"] == 2 and table.loc["bce", "seeds"] == "0 1"
+    assert table.loc["bce", "study_total"] == 138.43
+    assert table.loc["bce", "total_diff"] == pytest.approx(np.mean([r["test/loss"] for r in pair]) - 138.43)
+    assert table.loc["l1", "n"] == 1 and pd.isna(table.loc["l1", "test_total_std"])
+    assert table.loc["l1", "test_total_mean"] == pytest.approx(results[2]["test/loss"])
+
+
+def test_train_columns_are_the_last_epoch(report):
+    built, results, _, out = report
+    client = store(out.parent)
+    table = pd.read_csv(out / "table3.csv").set_index("model.latent_dim")
+    last = client.get_metric_history(results[4]["run_id"], "train/loss")[-1]
+    assert last.step == 2 and table.loc[1, "train_total"] == pytest.approx(last.value)
+
+
+def test_the_csv_carries_the_run_ids(report):
+    _, results, _, out = report
+    table = pd.read_csv(out / "table2.csv").set_index("loss.name")
+    assert table.loc["bce", "run_ids"].split() == [results[0]["run_id"], results[1]["run_id"]]
+    assert table.loc["l2", "run_ids"] == results[3]["run_id"]
+
+
+def test_failed_older_and_smaller_budget_runs_are_not_counted(report):
+    _, _, fakes, out = report
+    every_id = " ".join(pd.concat([pd.read_csv(p)["run_ids"].dropna() for p in out.glob("*.csv")]))
+    assert not any(fake in every_id for fake in fakes.values())
+    assert "1 run(s) that did not finish" in (out / "report.md").read_text()
+
+
+def test_missing_cells_show_a_dash_and_are_listed(report):
+    built, _, _, out = report
+    markdown = (out / "table1.md").read_text()
+    assert "| mlp2 | — | — | — | — | — |" in markdown
+    assert "| mlp3 | " in markdown and "| mlp3 | —" not in markdown
+    assert pd.isna(pd.read_csv(out / "table1.csv").set_index("model.name").loc["mlp2", "test_total_mean"])
+    assert built["missing"]["table1"] == [
+        f"python -m vae_sweeps -m model={m} model.latent_dim=2 loss=bce loss.c=1.0 data=mnist seed=0,1,2"
+        for m in ("mlp2", "mlp4", "cnn")]
+    report_md = (out / "report.md").read_text()
+    assert "model=mlp4 model.latent_dim=2 loss=bce" in report_md
+    assert len(built["missing"]["fashion_table1"]) == 4  # no Fashion-MNIST run at all
+
+
+def test_every_figure_is_a_png_of_the_expected_size(report):
+    built, _, _, out = report
+    size = figures.SIZES
+
+    def side_by_side(name, panels):
+        return size[name][0] * panels, size[name][1] + TITLE_BAND
+
+    expected = {
+        "fig3_reconstructions": side_by_side("reconstructions", 3),
+        "fig4a_latent1": side_by_side("traversal_1d", 1),
+        "fig4b_latent2": side_by_side("grid_2d", 1),
+        "fig4b_quantiles": side_by_side("quantile_grid", 1),
+        "latent_scatter": side_by_side("latent_scatter", 2),
+        "reconstructions_dim20": side_by_side("reconstructions", 1),
+        "samples": side_by_side("samples", 2),
+        "curves_latent": size["loss_curves"],  # dims 1, 2, 20 of 5
+        "curves_models": size["loss_curves"],  # mlp3 only
+    }
+    assert {name: png_size(path) for name, path in built["figures"].items()} == expected
+    for path in built["figures"].values():
+        assert imread(path).std() > 0.01  # not blank
+    report_md = (out / "report.md").read_text()
+    for name in expected:
+        assert f"](figures/{name}.png)" in report_md
+    assert "Left out: no finished run (with this figure) for dim 5, dim 10;" in report_md
+    assert "Not drawn: no finished run (with this figure) for L1, L2, BCE;" in report_md  # Fashion-MNIST
+
+
+def test_report_command_reads_the_store_from_the_environment(report, tmp_path):
+    _, _, _, out = report
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent}/mlruns/mlflow.db"}
+    done = subprocess.run([sys.executable, "-m", "vae_sweeps.report", "--out", str(tmp_path / "r")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"Wrote {tmp_path / 'r' / 'report.md'}: 7 tables" in done.stdout
+    assert (tmp_path / "r" / "table1.csv").read_text() == (out / "table1.csv").read_text()

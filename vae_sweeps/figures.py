@@ -1,0 +1,218 @@
+"""The study's figures, drawn for each run at its end and logged to MLflow under figures/.
+
+Each function returns a matplotlib Figure of a fixed size (``SIZES``, in pixels at ``DPI``),
+so a figure's PNG always has the same pixel size. The report composes them across runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+DPI = 100
+SIZES = {  # name: (width, height) in pixels
+    "reconstructions": (1000, 480),
+    "traversal_1d": (1100, 200),
+    "grid_2d": (800, 800),
+    "quantile_grid": (800, 800),
+    "latent_scatter": (800, 700),
+    "loss_curves": (800, 500),
+    "samples": (700, 760),
+}
+GRID_LIMIT = 5.0  # Fig. 4: z over [-5, 5]
+
+
+def new_figure(name: str) -> Figure:
+    width, height = SIZES[name]
+    return Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+
+
+def tile(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
+    """(N, H, W) images in [0, 1] laid out in rows of ``cols``, with a light gap between."""
+    n, h, w = images.shape
+    rows = -(-n // cols)
+    out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), 0.75, dtype=np.float32)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = image
+    return out
+
+
+def _show(ax, image: np.ndarray, title: str, **kwargs) -> None:
+    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", **kwargs)
+    ax.set_title(title, fontsize=10)
+
+
+def _caption(fig: Figure, caption: str) -> None:
+    fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=8, color="0.3")
+
+
+def fixed_test_indices(labels: torch.Tensor, per_class: int = 2) -> list[int]:
+    """The first ``per_class`` test images of each class: the same images in every run."""
+    labels = labels.cpu()
+    picks = []
+    for k in sorted(set(labels.tolist())):
+        picks += torch.nonzero(labels == k).flatten()[:per_class].tolist()
+    return picks
+
+
+def reconstructions(originals: torch.Tensor, recons: torch.Tensor, caption: str) -> Figure:
+    """Originals (rows 1 and 3) over their reconstructions (rows 2 and 4)."""
+    fig = new_figure("reconstructions")
+    x, r = originals[:, 0].cpu().numpy(), recons[:, 0].cpu().numpy()
+    cols = max(1, -(-len(x) // 2))
+    rows = []
+    for half in range(2):
+        part = slice(half * cols, (half + 1) * cols)
+        rows += [x[part], r[part]]
+    stacked = np.concatenate([np.pad(row, ((0, cols - len(row)), (0, 0), (0, 0)), constant_values=1.0) for row in rows])
+    ax = fig.add_axes((0.02, 0.08, 0.96, 0.84))
+    _show(ax, tile(stacked, cols), "Test images (rows 1, 3) and their reconstructions (rows 2, 4)")
+    ax.axis("off")
+    _caption(fig, caption)
+    return fig
+
+
+@torch.no_grad()
+def traversal_1d(decode, caption: str, steps: int = 21) -> Figure:
+    """Latent dim 1: decoder outputs for z from -5 to 5 (the study's Fig. 4a)."""
+    z = torch.linspace(-GRID_LIMIT, GRID_LIMIT, steps).unsqueeze(1)
+    images = decode(z)[:, 0].cpu().numpy()
+    fig = new_figure("traversal_1d")
+    ax = fig.add_axes((0.03, 0.25, 0.94, 0.6))
+    ax.imshow(tile(images, steps, pad=0), cmap="gray", vmin=0, vmax=1,
+              extent=(-GRID_LIMIT - 0.25, GRID_LIMIT + 0.25, 0, 1), aspect="auto")
+    ax.set_yticks([])
+    ax.set_xticks(np.linspace(-GRID_LIMIT, GRID_LIMIT, 11))
+    ax.set_xlabel("z")
+    ax.set_title("Decoder output for z from -5 to 5 (latent dim 1)", fontsize=10)
+    _caption(fig, caption)
+    return fig
+
+
+@torch.no_grad()
+def _grid(decode, values: torch.Tensor) -> np.ndarray:
+    """Decoded images over values x values; z1 along columns, z2 up the rows."""
+    z1, z2 = torch.meshgrid(values, values.flip(0), indexing="xy")
+    z = torch.stack([z1.flatten(), z2.flatten()], dim=1)
+    return tile(decode(z)[:, 0].cpu().numpy(), len(values), pad=0)
+
+
+def grid_2d(decode, caption: str, steps: int = 21) -> Figure:
+    """Latent dim 2: decoder outputs over [-5, 5] x [-5, 5] (the study's Fig. 4b)."""
+    values = torch.linspace(-GRID_LIMIT, GRID_LIMIT, steps)
+    half = GRID_LIMIT + GRID_LIMIT / (steps - 1)
+    fig = new_figure("grid_2d")
+    ax = fig.add_axes((0.08, 0.1, 0.88, 0.84))
+    _show(ax, _grid(decode, values), "Decoder output over z in [-5, 5]^2 (latent dim 2)",
+          extent=(-half, half, -half, half))
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    _caption(fig, caption)
+    return fig
+
+
+def quantile_grid(decode, caption: str, steps: int = 15) -> Figure:
+    """Latent dim 2: the 15 x 15 manifold at Gaussian quantiles norm.ppf(linspace(0.05, 0.95, 15))."""
+    values = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, steps))
+    fig = new_figure("quantile_grid")
+    ax = fig.add_axes((0.08, 0.1, 0.88, 0.84))
+    _show(ax, _grid(decode, values), "Decoder output at Gaussian quantiles 0.05 ... 0.95 (latent dim 2)")
+    ticks = np.arange(steps) * 28 + 13.5
+    labels = [f"{v:.1f}" for v in values.tolist()]
+    ax.set_xticks(ticks[::2], labels[::2])
+    ax.set_yticks(ticks[::2], labels[::-1][::2])
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    _caption(fig, caption)
+    return fig
+
+
+def project_2d(means: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
+    """Latent means as 2-D points: as they are for dim 2, the first two principal components
+    above it, and (mean, 0) for dim 1."""
+    if means.shape[1] == 1:
+        return np.column_stack([means[:, 0], np.zeros(len(means))]), ("z", "")
+    if means.shape[1] == 2:
+        return means, ("z1", "z2")
+    centred = means - means.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T, ("principal component 1", "principal component 2")
+
+
+def latent_scatter(means: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], caption: str,
+                   title: str = "Test-set latent means by class") -> Figure:
+    points, (xlabel, ylabel) = project_2d(means)
+    if means.shape[1] == 1:  # spread the classes vertically so they can be told apart
+        points[:, 1] = labels + np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))
+        ylabel = "class"
+    fig = new_figure("latent_scatter")
+    ax = fig.add_axes((0.1, 0.1, 0.62, 0.82))
+    colours = [f"C{k}" for k in range(10)]
+    for k, name in enumerate(classes):
+        mask = labels == k
+        if mask.any():
+            ax.scatter(points[mask, 0], points[mask, 1], s=3, alpha=0.6, color=colours[k % 10], label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} (latent dim {means.shape[1]})", fontsize=10)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), markerscale=4, fontsize=8, frameon=False)
+    _caption(fig, caption)
+    return fig
+
+
+def loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], caption: str,
+                title: str = "Loss per epoch") -> Figure:
+    """``curves[label][stage]`` = [(epoch, value)]; train solid, val dashed, one colour per label."""
+    fig = new_figure("loss_curves")
+    ax = fig.add_axes((0.1, 0.12, 0.62, 0.8))
+    for i, (label, stages) in enumerate(curves.items()):
+        for stage, style in (("train", "-"), ("val", "--")):
+            points = stages.get(stage) or []
+            if points:
+                epochs, values = zip(*points)
+                ax.plot(epochs, values, style, color=f"C{i % 10}", label=f"{label} {stage}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per image (c * recon + KL)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    _caption(fig, caption)
+    return fig
+
+
+def samples(images: torch.Tensor, caption: str, title: str = "Samples decoded from the prior") -> Figure:
+    fig = new_figure("samples")
+    ax = fig.add_axes((0.02, 0.06, 0.96, 0.88))
+    x = images[:, 0].cpu().numpy()
+    _show(ax, tile(x, int(np.ceil(np.sqrt(len(x))))), title)
+    ax.axis("off")
+    _caption(fig, caption)
+    return fig
+
+
+@torch.no_grad()
+def run_figures(vae, test_images: torch.Tensor, test_labels: torch.Tensor, classes: tuple[str, ...],
+                curves: dict[str, list[tuple[int, float]]], caption: str) -> dict[str, Figure]:
+    """Every figure of one trained run, by name (see SIZES)."""
+    vae.eval()
+    device = next(vae.parameters()).device
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(vae.decode(z.to(device)))
+
+    x = test_images[fixed_test_indices(test_labels)]
+    means = torch.cat([vae.encode(batch)[0] for batch in test_images.split(1000)]).cpu().numpy()
+    figs = {
+        "reconstructions": reconstructions(x, vae.reconstruct(x), caption),
+        "latent_scatter": latent_scatter(means, test_labels.cpu().numpy(), classes, caption),
+        "samples": samples(vae.sample(64), caption),
+        "loss_curves": loss_curves({"this run": curves}, caption),
+    }
+    if vae.latent_dim == 1:
+        figs["traversal_1d"] = traversal_1d(decode, caption)
+    if vae.latent_dim == 2:
+        figs["grid_2d"] = grid_2d(decode, caption)
+        figs["quantile_grid"] = quantile_grid(decode, caption)
+    return figs
