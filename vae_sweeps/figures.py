@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
 SIZES = {  # name: (width, height) in pixels
     "reconstructions": (1000, 480),
-    "traversal_1d": (1100, 200),
+    "traversal_1d": (1100, 240),
     "grid_2d": (800, 800),
     "quantile_grid": (800, 800),
     "latent_scatter": (800, 700),
@@ -80,7 +81,7 @@ def traversal_1d(decode, caption: str, steps: int = 21) -> Figure:
     z = torch.linspace(-GRID_LIMIT, GRID_LIMIT, steps).unsqueeze(1)
     images = decode(z)[:, 0].cpu().numpy()
     fig = new_figure("traversal_1d")
-    ax = fig.add_axes((0.03, 0.25, 0.94, 0.6))
+    ax = fig.add_axes((0.03, 0.3, 0.94, 0.55))
     ax.imshow(tile(images, steps, pad=0), cmap="gray", vmin=0, vmax=1,
               extent=(-GRID_LIMIT - 0.25, GRID_LIMIT + 0.25, 0, 1), aspect="auto")
     ax.set_yticks([])
@@ -174,6 +175,7 @@ def loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], caption: 
                 epochs, values = zip(*points)
                 ax.plot(epochs, values, style, color=f"C{i % 10}", label=f"{label} {stage}")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss per image (c * recon + KL)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

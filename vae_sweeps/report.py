@@ -41,7 +41,7 @@ COLUMNS = ["n", "epochs", "seeds",
            *[f"train_{name}" for name, _ in STATS],
            "study_recon", "study_kl", "study_total", "total_diff", "run_ids"]
 DASH = "—"
-TITLE_BAND = 40  # pixels above the panels of a composed figure
+TITLE_BAND = 64  # pixels above the panels of a composed figure: its title, then panel labels
 
 
 # ---------------------------------------------------------------------------- runs as records
@@ -209,7 +209,7 @@ def compose_artifacts(title: str, images: dict[str, np.ndarray]) -> Figure:
     width = sum(image.shape[1] for image in images.values())
     height = max(image.shape[0] for image in images.values()) + TITLE_BAND
     fig = Figure(figsize=(width / figures.DPI, height / figures.DPI), dpi=figures.DPI)
-    fig.text(0.5, 1 - 12 / height, title, ha="center", va="top", fontsize=12)
+    fig.text(0.5, 1 - 8 / height, title, ha="center", va="top", fontsize=12)
     left = 0
     for label, image in images.items():
         h, w = image.shape[:2]
@@ -217,7 +217,8 @@ def compose_artifacts(title: str, images: dict[str, np.ndarray]) -> Figure:
         ax.imshow(image, interpolation="nearest")
         ax.axis("off")
         if len(images) > 1:
-            ax.text(0.5, 1.0, label, transform=ax.transAxes, ha="center", va="bottom", fontsize=11, weight="bold")
+            ax.text(0.5, 1.0 + 4 / h, label, transform=ax.transAxes, ha="center", va="bottom", fontsize=11,
+                    weight="bold")
         left += w
     return fig
 
