@@ -5,6 +5,14 @@ PY ?= $(VENV)/bin/python
 # The CPU build of torch; set TORCH="torch" (or a CUDA build) on a GPU machine.
 TORCH ?= torch==2.13.0
 ARGS ?=
+# The MLflow server of `make server` / `make ui`: loopback only unless HOST says otherwise;
+# BACKEND may be a PostgreSQL URI (postgresql://user:password@host/db) as well.
+BACKEND ?= sqlite:///mlruns/mlflow.db
+ARTIFACTS ?= mlruns/artifacts
+HOST ?= 127.0.0.1
+PORT ?= 5000
+# More `mlflow server` options, e.g. SERVER_ARGS="--workers 2".
+SERVER_ARGS ?=
 # The parts of the study (conf/experiment/), and what study-quick changes: 1 seed, 4 epochs.
 STUDY ?= table1 table2 table3 c_sweep fashion
 QUICK ?= seed=0 trainer.max_epochs=4
@@ -12,7 +20,7 @@ QUICK ?= seed=0 trainer.max_epochs=4
 run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep study study-quick report test ui clean
+.PHONY: help install train sweep study study-quick report test server ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,8 +49,10 @@ report: ## Rebuild the study's tables and figures from MLflow into reports/ (no 
 test: ## Run the test suite
 	$(PY) -m pytest
 
-ui: ## Open the MLflow UI on http://127.0.0.1:5000 over mlruns/
-	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+server: ## MLflow tracking server with served artifacts, http://127.0.0.1:5000 (HOST, PORT, BACKEND)
+	$(PY) -m mlflow server --backend-store-uri $(BACKEND) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)
+
+ui: server ## Browse the runs in the MLflow UI (the same server as make server)
 
 clean: ## Remove outputs/ (logs, local checkpoints) and caches; keeps mlruns/ and data/
 	rm -rf outputs multirun .pytest_cache

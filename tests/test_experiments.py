@@ -40,7 +40,7 @@ def planned(*arguments: str, sweep: dict | None = None):
             return compose(config_name="config", overrides=[*arguments, *overrides])
 
         grids = [dict(g) for g in master.hydra.sweeper.grids or []]
-        jobs = plan_jobs(params, grids, arguments, job_config)
+        jobs = [job for job, _ in plan_jobs(params, grids, arguments, job_config)]
         return jobs, [job_config(job) for job in jobs], master
 
 
@@ -87,7 +87,7 @@ def test_a_sweep_with_a_bad_value_names_every_bad_job():
 def test_dry_run_from_the_command_line(tmp_path, tiny_root):
     done = run_cli(tmp_path, tiny_root, "experiment=fashion", "hydra.sweeper.dry_run=true")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Dry run: 30 job(s), none started (every job: " in done.stdout
+    assert "Dry run: 30 job(s) to run (every job: " in done.stdout
     assert len(re.findall(r"^  #\d+ ", done.stdout, flags=re.M)) == 30
     assert all_runs(tmp_path) == [] and not (tmp_path / "mlruns").exists()
 

@@ -66,7 +66,8 @@ def test_artifacts_config_and_a_safe_loading_checkpoint(finished):
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
     checkpoint = client.download_artifacts(run_id, "checkpoints/last.ckpt", str(tmp_path))
     state = torch.load(checkpoint, weights_only=True)
-    assert state["epoch"] == 2 and state["hyper_parameters"]["model"]["hidden"] == [1024, 512]
+    assert state["global_step"] == 2 * 5  # 2 epochs of 80 images in batches of 16
+    assert state["hyper_parameters"]["model"]["hidden"] == [1024, 512]
     module = VAEModule.load_from_checkpoint(checkpoint, weights_only=True)
     assert module.vae.c == 2.0 and module.vae.latent_dim == 2
 

@@ -21,6 +21,8 @@ def main(cfg: DictConfig) -> float:
             raise  # the sweep records this job as failed and goes on
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if result.get("skipped"):
+        print("Skipped: this configuration already has a FINISHED run (force=true trains it again).")
     print(f"test/recon {result['test/recon']:.2f}  test/kl {result['test/kl']:.2f}  "
           f"test/loss {result['test/loss']:.2f}  (per image)")
     print(f"MLflow run id: {result['run_id']}")

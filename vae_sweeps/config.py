@@ -21,7 +21,7 @@ from vae_sweeps.module import OPTIMIZERS
 
 # Settings that do not change a run's results. They are left out of its identity, which is
 # used to drop duplicate jobs of a sweep and to group runs in the report.
-NOT_RESULTS = ("hydra", "paths", "tracking", "tags", "data.root", "data.download",
+NOT_RESULTS = ("hydra", "paths", "tracking", "tags", "force", "threads", "data.root", "data.download",
                "trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
@@ -120,6 +120,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("optim.name", cfg.optim.name, list(OPTIMIZERS), "optim.name=<name>")
     _positive_finite("optim.lr", cfg.optim.lr, "0.001")
     _int_at_least("seed", cfg.seed, 0, "0")
+    if cfg.get("threads") is not None:
+        _int_at_least("threads", cfg.threads, 1, "2")
 
     loss.c = float(loss.c)
     cfg.optim.lr = float(cfg.optim.lr)

@@ -16,6 +16,10 @@ OPTIMIZERS = {
 }
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run cannot recover and is stopped."""
+
+
 class VAEModule(pl.LightningModule):
     """Logs ``{train,val,test}/{loss,recon,kl}`` as per-image means over each epoch.
 
@@ -41,7 +45,11 @@ class VAEModule(pl.LightningModule):
         return losses["loss"]
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"train/loss is {loss.item()} at epoch {self.current_epoch + 1}, "
+                                f"step {self.global_step + 1}")
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")

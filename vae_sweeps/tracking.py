@@ -8,9 +8,13 @@ id: no global "active run", so nothing opens a second run by accident.
 
 from __future__ import annotations
 
+import functools
 import getpass
+import hashlib
+import json
 import logging
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -23,13 +27,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from omegaconf import DictConfig, OmegaConf
 
-from vae_sweeps.config import flatten
+from vae_sweeps.config import flatten, result_settings
 
 log = logging.getLogger(__name__)
 
 SWEEP_ID_ENV = "VAE_SWEEPS_SWEEP_ID"
 # Not params: machine-specific paths, and the tracking URI (it may hold credentials).
-NOT_PARAMS = ("hydra", "paths", "tracking", "tags", "data.root")
+NOT_PARAMS = ("hydra", "paths", "tracking", "tags", "force", "data.root")
 
 
 # ---------------------------------------------------------------------------- the store
@@ -49,6 +53,37 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+class RetryingClient:
+    """An MlflowClient whose calls are retried while SQLite answers "database is locked".
+
+    MLflow already waits up to 20 s for SQLite's lock; many parallel jobs on one database
+    can wait longer, and a failed write would lose a metric or leave a run RUNNING. A write
+    that failed this way was rolled back, so it is safe to repeat.
+    """
+
+    def __init__(self, client: MlflowClient, attempts: int = 6, wait: float = 1.0):
+        self.client, self.attempts, self.wait = client, attempts, wait
+
+    def __getattr__(self, name: str):
+        method = getattr(self.client, name)
+        if not callable(method):
+            return method
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    return method(*args, **kwargs)
+                except Exception as err:
+                    if "database is locked" not in str(err) or attempt == self.attempts:
+                        raise
+                    delay = self.wait * 2 ** (attempt - 1)
+                    log.warning("MLflow store is locked (%s); retrying in %.0f s", name, delay)
+                    time.sleep(delay)
+
+        return call
+
+
 def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """A client of the store at ``uri`` and the id of ``experiment``, both created if new.
 
@@ -60,7 +95,7 @@ def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (db.parent / "artifacts").as_uri()
-    client = MlflowClient(tracking_uri=uri)
+    client = RetryingClient(MlflowClient(tracking_uri=uri))
     found = client.get_experiment_by_name(experiment)
     if found is None:
         try:
@@ -121,13 +156,67 @@ def git_tags() -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(git("status", "--porcelain")))}
 
 
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of the settings that change a run's results (seed included; not paths,
+    tracking or display settings): runs with the same hash compute the same thing."""
+    settings = json.dumps(result_settings(cfg), sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def latest_run(client: MlflowClient, experiment_id: str, digest: str, status: str):
+    """The newest run of ``experiment_id`` with config hash ``digest`` and ``status``, or None."""
+    runs = client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.config_hash = '{digest}' and attributes.status = '{status}'")
+    return runs[0] if runs else None
+
+
+def close_dead_runs(client: MlflowClient, experiment_id: str, digest: str) -> None:
+    """Mark FAILED the RUNNING runs of this configuration whose process, on this host, is
+    gone (killed with SIGKILL, say, which leaves no chance to close the run)."""
+    running = client.search_runs([experiment_id], filter_string=f"tags.config_hash = '{digest}' and "
+                                 "attributes.status = 'RUNNING'")
+    for run in running:
+        tags = run.data.tags
+        if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
+            continue  # another machine's run: it may well be alive
+        try:
+            os.kill(int(tags["pid"]), 0)
+            continue  # still alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            continue
+        client.set_tag(run.info.run_id, "error", f"its process {tags['pid']} ended without closing the run")
+        client.set_terminated(run.info.run_id, "FAILED")
+        log.warning("Run %s was left RUNNING by a process that is gone; marked FAILED", run.info.run_id)
+
+
+def finished_hashes(uri: str, experiment: str) -> set[str]:
+    """The config hashes of every FINISHED run of ``experiment`` (creates no store)."""
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return set()
+    client = RetryingClient(MlflowClient(tracking_uri=uri))
+    found = client.get_experiment_by_name(experiment)
+    hashes, token = set(), None
+    while found is not None:
+        page = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  max_results=1000, page_token=token)
+        hashes |= {run.data.tags["config_hash"] for run in page if "config_hash" in run.data.tags}
+        token = page.token
+        if not token:
+            break
+    return hashes
+
+
 def new_sweep_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def start_run(client: MlflowClient, experiment_id: str, cfg: DictConfig, output_dir: Path) -> str:
     """Create the run of one job and log its params, tags and resolved config."""
-    tags = {"mlflow.source.name": "vae_sweeps", "output_dir": str(output_dir), **git_tags(),
+    tags = {"mlflow.source.name": "vae_sweeps", "config_hash": config_hash(cfg), "output_dir": str(output_dir),
+            "host": socket.gethostname(), "pid": str(os.getpid()), **git_tags(),
             **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
     try:
         tags["mlflow.user"] = getpass.getuser()
@@ -142,28 +231,35 @@ def start_run(client: MlflowClient, experiment_id: str, cfg: DictConfig, output_
 
 
 class MLflowMetrics(pl.Callback):
-    """Logs the epoch means of ``train/*``, ``val/*`` and ``test/*`` in one batch each, at
-    step = number of completed epochs (so test metrics sit at the last training step)."""
+    """Logs the epoch means of ``train/*`` and ``val/*`` together once an epoch is over (put
+    it after the checkpoint callback, so logged epochs are never ahead of the checkpoint),
+    and ``test/*`` after testing; step = number of completed epochs."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, epochs_logged: int = 0):
         self.client, self.run_id = client, run_id
+        self.epochs_logged, self._validated = epochs_logged, False
 
-    def _log(self, trainer: pl.Trainer, prefix: str, step: int) -> None:
+    def _log(self, trainer: pl.Trainer, prefixes: tuple[str, ...], step: int) -> None:
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in trainer.callback_metrics.items()
-                   if k.startswith(prefix)]
+                   if k.startswith(prefixes)]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._log(trainer, "train/", trainer.current_epoch + 1)
-
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._log(trainer, "val/", trainer.current_epoch + 1)
+        self._validated = not trainer.sanity_checking
+
+    def log_epoch(self, trainer: pl.Trainer, epochs: int) -> None:
+        """Log epoch ``epochs`` (1-based) unless it already is."""
+        if epochs > self.epochs_logged:
+            self._log(trainer, ("train/", "val/") if self._validated else ("train/",), epochs)
+            self.epochs_logged, self._validated = epochs, False
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.log_epoch(trainer, trainer.current_epoch + 1)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._log(trainer, "test/", trainer.current_epoch)
+        self._log(trainer, ("test/",), trainer.current_epoch)
 
 
 class PrepareTracking(Callback):

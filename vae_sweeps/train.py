@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vae_sweeps import figures, tracking
@@ -38,12 +44,60 @@ def make_datamodule(cfg: DictConfig) -> ImageDataModule:
                            batch_size=data.batch_size, val_size=data.val_size, seed=cfg.seed)
 
 
+def torch_threads(cfg: DictConfig) -> int:
+    """``threads`` if set, else this job's share of the usable cores: a SLURM or submitit
+    job's cpus_per_task, or the cores divided by joblib's n_jobs."""
+    if cfg.get("threads"):
+        return cfg.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
+    if launcher.get("cpus_per_task"):
+        return launcher.cpus_per_task
+    jobs = launcher.get("n_jobs") or 1
+    jobs = cores + 1 + jobs if jobs < 0 else jobs  # joblib: -1 = every core, -2 = all but one
+    return max(1, cores // max(1, jobs))
+
+
 def make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], output_dir: Path) -> pl.Trainer:
     options = plain(cfg.trainer)
     if options.get("enable_progress_bar") is None:  # a bar in a terminal, none in logs
         options["enable_progress_bar"] = sys.stderr.isatty()
+    # enable_checkpointing=False: EpochCheckpoint saves the state, Lightning's default would too
     return pl.Trainer(**options, callbacks=callbacks, logger=False, enable_checkpointing=False,
                       default_root_dir=output_dir)
+
+
+class EpochCheckpoint(pl.Callback):
+    """The whole training state after every epoch, in one file replaced atomically (an
+    interrupt while saving leaves the previous epoch's file whole), so that an interrupted
+    run can resume from its last completed epoch."""
+
+    def __init__(self, path: Path, epochs: int = 0):
+        self.path, self.epochs = path, epochs  # epochs: completed epochs that ``path`` holds
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        partial = self.path.with_suffix(".partial")
+        trainer.save_checkpoint(partial, weights_only=False)
+        os.replace(partial, self.path)
+        self.epochs = trainer.current_epoch + 1
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Handle SIGTERM (a scheduler or ``kill`` stopping the job) like Ctrl-C, so that the run
+    ends KILLED with its checkpoint saved instead of dying mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def caption(cfg: DictConfig, run_id: str) -> str:
@@ -59,36 +113,76 @@ def log_figures(client, run_id: str, module: VAEModule, datamodule: ImageDataMod
         client.log_figure(run_id, fig, f"figures/{name}.png")
 
 
+def resume_or_start(client, experiment_id: str, cfg: DictConfig, digest: str, checkpoint: Path
+                    ) -> tuple[str, int]:
+    """(run id, completed epochs in ``checkpoint``): the newest KILLED run of this
+    configuration that saved a checkpoint, reopened with its checkpoint downloaded to
+    ``checkpoint``, or else a new run (0 epochs)."""
+    killed = None if cfg.force else tracking.latest_run(client, experiment_id, digest, "KILLED")
+    if killed is None or "resume_from_epoch" not in killed.data.tags:
+        return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
+    run_id, epochs = killed.info.run_id, int(killed.data.tags["resume_from_epoch"])
+    client.download_artifacts(run_id, "checkpoints/last.ckpt", str(checkpoint.parents[1]))
+    client.update_run(run_id, status="RUNNING")
+    for key, value in {"resumed_from_epoch": epochs, "output_dir": checkpoint.parents[1], "pid": os.getpid()}.items():
+        client.set_tag(run_id, key, str(value))
+    for stale in ("resume_from_epoch", "error"):
+        client.delete_tag(run_id, stale)
+    log.info("Resuming run %s after epoch %d", run_id, epochs)
+    return run_id, epochs
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one job of the study; returns its test metrics and MLflow run id.
 
     Bad config values and missing or damaged data raise (ConfigError, DataError) before an
-    MLflow run exists. Once the run exists, it ends FINISHED, or FAILED (KILLED on an
-    interrupt) with the reason in its ``error`` tag.
+    MLflow run exists. A configuration that already has a FINISHED run is skipped (its
+    metrics are returned, with ``skipped``), and one whose last run was interrupted resumes
+    that run from its last completed epoch, unless ``force``. Once the run exists, it ends
+    FINISHED, FAILED with the reason in its ``error`` tag, or KILLED on Ctrl-C or SIGTERM,
+    with the checkpoint of its last completed epoch saved for resuming.
     """
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    client, experiment_id = tracking.open_store(tracking.resolve_uri(cfg.tracking.uri), cfg.tracking.experiment)
+    digest = tracking.config_hash(cfg)
+    finished = None if cfg.force else tracking.latest_run(client, experiment_id, digest, "FINISHED")
+    if finished is not None:
+        log.info("Skipped %s: run %s already FINISHED (force=true trains it again)",
+                 tracking.run_name(cfg), finished.info.run_id)
+        test = {k: v for k, v in finished.data.metrics.items() if k.startswith("test/")}
+        return {"run_id": finished.info.run_id, "skipped": True, **test}
+
     datamodule = make_datamodule(cfg)
     datamodule.load()
-
-    client, experiment_id = tracking.open_store(tracking.resolve_uri(cfg.tracking.uri), cfg.tracking.experiment)
-    run_id = tracking.start_run(client, experiment_id, cfg, output_dir)
+    torch.set_num_threads(torch_threads(cfg))
+    tracking.close_dead_runs(client, experiment_id, digest)
+    checkpoint = output_dir / "checkpoints" / "last.ckpt"
+    run_id, done = resume_or_start(client, experiment_id, cfg, digest, checkpoint)
+    client.set_tag(run_id, "torch_threads", str(torch.get_num_threads()))
     log.info("MLflow run %s (%s)", run_id, tracking.run_name(cfg))
-    try:
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim))
-        trainer = make_trainer(cfg, [tracking.MLflowMetrics(client, run_id)], output_dir)
-        trainer.fit(module, datamodule=datamodule)
-        test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-
-        checkpoint = output_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(checkpoint, weights_only=False)  # with optimizer state
-        client.log_artifact(run_id, str(checkpoint), "checkpoints")
-        log_figures(client, run_id, module, datamodule, caption(cfg, run_id))
-    except BaseException as err:
-        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
-        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
-        raise
+    epochs = EpochCheckpoint(checkpoint, epochs=done)
+    metrics = tracking.MLflowMetrics(client, run_id, epochs_logged=done)
+    trainer = None
+    with sigterm_as_interrupt():
+        try:
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
+            module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim))
+            trainer = make_trainer(cfg, [epochs, metrics], output_dir)  # checkpoint, then log the epoch
+            trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint if done else None, weights_only=True)
+            test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+            client.log_artifact(run_id, str(epochs.path), "checkpoints")
+            log_figures(client, run_id, module, datamodule, caption(cfg, run_id))
+        except BaseException as err:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+            if interrupted and epochs.epochs:
+                if trainer is not None:
+                    metrics.log_epoch(trainer, epochs.epochs)  # if stopped between checkpoint and log
+                client.log_artifact(run_id, str(epochs.path), "checkpoints")
+                client.set_tag(run_id, "resume_from_epoch", str(epochs.epochs))
+            client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+            client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
+            raise
     client.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, **{k: float(v) for k, v in test.items()}}

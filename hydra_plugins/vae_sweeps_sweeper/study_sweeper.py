@@ -6,7 +6,9 @@
 - Every job's config is composed and checked before any job starts. If any value is bad, the
   sweep trains nothing and says which jobs have which bad values.
 - Jobs whose configs are the same (``model=mlp3`` in one grid, ``model.latent_dim=2`` in
-  another) run once.
+  another) run once, and jobs whose configuration already has a FINISHED run in the store
+  are skipped (``force=true`` runs them again), so a sweep stopped half-way is completed by
+  launching it again.
 - ``dry_run=true`` prints the jobs and runs none of them.
 - At the end it lists the jobs that failed and exits non-zero.
 
@@ -16,7 +18,6 @@ Hydra loads plugins only from the ``hydra_plugins`` package, hence this module's
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -43,11 +44,12 @@ def expand_jobs(params: dict, grids: Sequence[dict], arguments: Sequence[str]) -
 
 
 def plan_jobs(params: dict, grids: Sequence[dict], arguments: Sequence[str],
-              compose: Callable[[Sequence[str]], DictConfig]) -> list[list[str]]:
-    """The distinct jobs of a sweep, in order, each config composed and checked. Raises
-    ConfigError naming every job with a bad value."""
-    from vae_sweeps.config import result_settings, validate
+              compose: Callable[[Sequence[str]], DictConfig]) -> list[tuple[list[str], str]]:
+    """The distinct jobs of a sweep, in order, as (overrides, config hash), each config
+    composed and checked. Raises ConfigError naming every job with a bad value."""
+    from vae_sweeps.config import validate
     from vae_sweeps.errors import ConfigError
+    from vae_sweeps.tracking import config_hash
 
     jobs, seen, bad = [], set(), []
     for overrides in expand_jobs(params, grids, arguments):
@@ -57,14 +59,20 @@ def plan_jobs(params: dict, grids: Sequence[dict], arguments: Sequence[str],
         except ConfigError as err:
             bad.append(f"  {' '.join(overrides)}: {err}")
             continue
-        identity = json.dumps(result_settings(cfg), sort_keys=True)
-        if identity not in seen:
-            seen.add(identity)
-            jobs.append(overrides)
+        digest = config_hash(cfg)
+        if digest not in seen:
+            seen.add(digest)
+            jobs.append((overrides, digest))
     if bad:
         raise ConfigError(f"{len(bad)} job(s) of this sweep have bad values, so none was started:\n"
                           + "\n".join(bad))
     return jobs
+
+
+def describe(jobs: Sequence[Sequence[str]]) -> tuple[list[str], list[str]]:
+    """(the overrides every job shares, each job's other overrides as one string)."""
+    common = [o for o in jobs[0] if all(o in job for job in jobs)] if len(jobs) > 1 else []
+    return common, [" ".join(o for o in job if o not in common) for job in jobs]
 
 
 class StudySweeper(BasicSweeper):
@@ -78,33 +86,42 @@ class StudySweeper(BasicSweeper):
         return self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
 
     def sweep(self, arguments: list[str]) -> Any:
+        from vae_sweeps import tracking
         from vae_sweeps.errors import ConfigError
 
         try:
-            jobs = plan_jobs(dict(self.params or {}), self.grids, arguments, self.compose)
+            planned = plan_jobs(dict(self.params or {}), self.grids, arguments, self.compose)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
-        common = [o for o in jobs[0] if all(o in job for job in jobs)] if len(jobs) > 1 else []
-        names = [" ".join(o for o in job if o not in common) for job in jobs]
-        listing = f"(every job: {' '.join(common)})\n" if common else ""
-        listing += "\n".join(f"  #{i} {name}" for i, name in enumerate(names))
-        if self.dry_run:
-            print(f"Dry run: {len(jobs)} job(s), none started {listing}")
+        common, names = describe([job for job, _ in planned])
+        header = f" (every job: {' '.join(common)})" if common else ""
+        done = set() if self.config.get("force") else tracking.finished_hashes(
+            tracking.resolve_uri(self.config.tracking.uri), self.config.tracking.experiment)
+        skipped = [name for name, (_, digest) in zip(names, planned) if digest in done]
+        todo = [(job, name) for name, (job, digest) in zip(names, planned) if digest not in done]
+        if skipped:
+            print(f"Skipping {len(skipped)} of {len(planned)} job(s) that already have a FINISHED run "
+                  "(force=true runs them again):\n" + "\n".join(f"  {name}" for name in skipped))
+        listing = "\n".join(f"  #{i} {name}" for i, (_, name) in enumerate(todo))
+        if self.dry_run or not todo:
+            print(f"{'Dry run: ' if self.dry_run else ''}{len(todo)} job(s) to run{header}, none started"
+                  + (f":\n{listing}" if todo else "."))
             return []
-        log.info("Sweep of %d job(s) %s", len(jobs), listing)
+        log.info("Sweep of %d job(s)%s:\n%s", len(todo), header, listing)
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        size = self.max_batch_size or len(jobs) or 1
+        jobs = [job for job, _ in todo]
+        size = self.max_batch_size or len(jobs)
         returns = []
         for start in range(0, len(jobs), size):
             returns.append(self.launcher.launch(jobs[start:start + size], initial_job_idx=start))
 
         failed = [r for batch in returns for r in batch if r.status == JobStatus.FAILED]
         if failed:
-            lines = [f"  #{r.hydra_cfg.hydra.job.num} {names[r.hydra_cfg.hydra.job.num]}: "
+            lines = [f"  #{r.hydra_cfg.hydra.job.num} {todo[r.hydra_cfg.hydra.job.num][1]}: "
                      f"{type(r._return_value).__name__}: {r._return_value}" for r in failed]
             print(f"error: {len(failed)} of {len(jobs)} job(s) failed:\n" + "\n".join(lines), file=sys.stderr)
             sys.exit(1)

@@ -1,0 +1,275 @@
+"""Sweeps that survive: failing jobs, interrupts and resuming, re-runs, parallel jobs,
+submitit, a tracking server, and what never reaches the params."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import pytorch_lightning as pl
+from conftest import CONF_DIR, ROOT, all_runs, compose_tiny, run_cli, store, tiny_overrides
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+from vae_sweeps import tracking
+from vae_sweeps.report import build_report
+from vae_sweeps.train import EpochCheckpoint, train
+
+
+# A small model where the model does not matter: fast epochs, small checkpoints.
+SMALL = ("model=mlp2", "model.hidden=[64]")
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def history(client, run, key="train/loss") -> list[int]:
+    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def test_a_sweep_survives_a_job_whose_loss_turns_infinite(tmp_path, tiny_root):
+    # c = 1e38 is a valid weight, but c * Recon overflows float32 at the first step
+    done = run_cli(tmp_path, tiny_root, "loss.c=1,1e38,2", "trainer.max_epochs=2", *SMALL, flags=("-m",))
+    assert done.returncode == 1
+    assert "error: 1 of 3 job(s) failed:" in done.stderr
+    assert "  #1 loss.c=1e+38: NonFiniteLoss: train/loss is inf at epoch 1, step 1" in done.stderr
+    runs = {r.data.params["loss.c"]: r for r in all_runs(tmp_path)}
+    assert {c: r.info.status for c, r in runs.items()} == {"1.0": "FINISHED", "1e+38": "FAILED", "2.0": "FINISHED"}
+    assert runs["1e+38"].data.tags["error"] == "NonFiniteLoss: train/loss is inf at epoch 1, step 1"
+    assert len(history(store(tmp_path), runs["2.0"])) == 2  # the job after the failure ran in full
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_an_interrupted_run_is_killed_then_resumed_to_the_full_epoch_count(tmp_path, tiny_root, sig):
+    args = ("trainer.max_epochs=30", *SMALL)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    command = [sys.executable, "-m", "vae_sweeps", *tiny_overrides(tmp_path, tiny_root), *args]
+    job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = store(tmp_path)
+
+    def three_epochs_done():
+        runs = all_runs(tmp_path)
+        return runs and len(history(client, runs[0])) >= 3
+
+    wait_for(three_epochs_done, 120, "three epochs")
+    job.send_signal(sig)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode != 0
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "KILLED", err[-2000:]
+    epochs_done = int(run.data.tags["resume_from_epoch"])
+    assert 3 <= epochs_done < 30
+    assert history(client, run)[-1] == epochs_done  # the checkpoint is of the last logged epoch
+    assert "checkpoints/last.ckpt" in [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+
+    again = run_cli(tmp_path, tiny_root, *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    (resumed,) = all_runs(tmp_path)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed_from_epoch"] == str(epochs_done)
+    assert "resume_from_epoch" not in resumed.data.tags and "error" not in resumed.data.tags
+    assert history(client, resumed) == list(range(1, 31))
+    assert history(client, resumed, "val/loss") == list(range(1, 31))
+    assert history(client, resumed, "test/loss") == [30]
+
+
+def test_interrupts_at_awkward_moments_keep_the_run_resumable(make_cfg, tmp_path, monkeypatch):
+    cfg = lambda: make_cfg("trainer.max_epochs=3", *SMALL)  # noqa: E731
+    keep_sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C once it caught one
+    original = EpochCheckpoint.on_train_epoch_end
+
+    def stop_after_saving_epoch_2(self, trainer, pl_module):
+        original(self, trainer, pl_module)
+        if self.epochs == 2:
+            raise KeyboardInterrupt  # between the checkpoint and the epoch's metrics
+
+    monkeypatch.setattr(EpochCheckpoint, "on_train_epoch_end", stop_after_saving_epoch_2)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train(cfg())
+    monkeypatch.undo()
+    client = store(tmp_path)
+    (run,) = all_runs(tmp_path)
+    assert (run.info.status, run.data.tags["resume_from_epoch"]) == ("KILLED", "2")
+    assert history(client, run) == [1, 2] and history(client, run, "val/loss") == [1, 2]
+
+    def interrupted_at_once(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl.Trainer, "fit", interrupted_at_once)  # before a new epoch completes
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg())
+    monkeypatch.undo()
+    (run,) = all_runs(tmp_path)
+    assert (run.info.status, run.data.tags["resume_from_epoch"]) == ("KILLED", "2")
+
+    result = train(cfg())
+    signal.signal(signal.SIGINT, keep_sigint)
+    (run,) = all_runs(tmp_path)
+    assert result["run_id"] == run.info.run_id and run.info.status == "FINISHED"
+    assert history(client, run) == [1, 2, 3] and history(client, run, "val/loss") == [1, 2, 3]
+
+
+def test_a_run_left_running_by_a_dead_process_is_closed(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.max_epochs=1", *SMALL)
+    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    digest = tracking.config_hash(cfg)
+    orphan = client.create_run(experiment_id, tags={"config_hash": digest, "host": socket.gethostname(),
+                                                    "pid": dead.stdout.strip()}).info.run_id
+    elsewhere = client.create_run(experiment_id, tags={"config_hash": digest, "host": "another-node",
+                                                       "pid": "1"}).info.run_id
+    result = train(cfg)
+    assert client.get_run(orphan).info.status == "FAILED"
+    assert "ended without closing the run" in client.get_run(orphan).data.tags["error"]
+    assert client.get_run(elsewhere).info.status == "RUNNING"  # may be alive on its machine
+    assert client.get_run(result["run_id"]).info.status == "FINISHED"
+
+
+def test_a_sweep_run_twice_trains_nothing_the_second_time(tmp_path, tiny_root):
+    first = run_cli(tmp_path, tiny_root, "seed=0,1", "trainer.max_epochs=1", *SMALL, flags=("-m",))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert len(all_runs(tmp_path)) == 2
+    second = run_cli(tmp_path, tiny_root, "seed=0,1", "trainer.max_epochs=1", *SMALL, flags=("-m",))
+    assert second.returncode == 0
+    assert "Skipping 2 of 2 job(s) that already have a FINISHED run (force=true runs them again):" in second.stdout
+    assert "0 job(s) to run" in second.stdout
+    assert len(all_runs(tmp_path)) == 2
+    forced = run_cli(tmp_path, tiny_root, "seed=0,1", "trainer.max_epochs=1", *SMALL, "force=true", flags=("-m",))
+    assert forced.returncode == 0
+    assert len(all_runs(tmp_path)) == 4
+
+
+def test_a_single_finished_run_is_skipped_with_its_metrics(make_cfg, tmp_path):
+    first = train(make_cfg("trainer.max_epochs=1"))
+    again = train(make_cfg("trainer.max_epochs=1", "trainer.enable_model_summary=true"))  # display only
+    assert again["skipped"] and again["run_id"] == first["run_id"]
+    assert again["test/loss"] == pytest.approx(first["test/loss"])
+    assert len(all_runs(tmp_path)) == 1
+    other = train(make_cfg("trainer.max_epochs=1", "seed=1"))
+    assert not other.get("skipped") and len(all_runs(tmp_path)) == 2
+
+
+def test_parallel_joblib_jobs_lose_no_metric(tmp_path, tiny_root):
+    epochs = 25
+    done = run_cli(tmp_path, tiny_root, "seed=0,1,2,3", f"trainer.max_epochs={epochs}", *SMALL,
+                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", flags=("-m",))
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = all_runs(tmp_path)
+    client = store(tmp_path)
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1", "2", "3"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        for key in ("train/loss", "train/recon", "train/kl", "val/loss", "val/recon", "val/kl"):
+            assert history(client, run, key) == list(range(1, epochs + 1)), key
+    cores = len(os.sched_getaffinity(0))
+    assert {r.data.tags["torch_threads"] for r in runs} == {str(max(1, cores // 4))}
+    assert len({r.data.tags["sweep_id"] for r in runs}) == 1
+
+
+def test_a_submitit_local_sweep_is_tracked(tmp_path, tiny_root):
+    done = run_cli(tmp_path, tiny_root, "seed=0,1", "trainer.max_epochs=1", *SMALL, "hydra/launcher=submitit_local",
+                   "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1", flags=("-m",))
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = all_runs(tmp_path)
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["sweep_id"] for r in runs}) == 1
+    assert {r.data.tags["torch_threads"] for r in runs} == {"1"}
+
+
+def test_the_slurm_launcher_config_composes():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.cpus_per_task) == ("gpu", 1, 8)
+    assert launcher.max_num_timeout > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runs_log_to_the_make_server_over_http(tmp_path, tiny_root, monkeypatch):
+    port = free_port()
+    server = subprocess.Popen(
+        ["make", "-C", str(ROOT), "server", f"PY={sys.executable}", f"PORT={port}",
+         f"BACKEND=sqlite:///{tmp_path}/server/mlflow.db", f"ARTIFACTS={tmp_path}/server/artifacts",
+         "SERVER_ARGS=--workers 1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        def healthy():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, 120, "the MLflow server", every=0.5)
+        uri = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        result = train(compose_tiny(tmp_path, tiny_root, "trainer.max_epochs=1", "model.hidden=[64,32]"))
+
+        client = MlflowClient(tracking_uri=uri)
+        run = client.get_run(result["run_id"])
+        assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert run.data.metrics["test/loss"] == pytest.approx(result["test/loss"])
+        assert "figures/samples.png" in [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+        assert (tmp_path / "server" / "artifacts").is_dir()  # the server stored them
+        assert not (tmp_path / "mlruns").exists()  # nothing went to the local store
+        built = build_report(client, "vae_sweeps", tmp_path / "report")
+        assert built["tables"]["table1"].set_index("model.name").loc["mlp3", "n"] == 1
+        assert "fig4b_latent2" in built["figures"]  # its panel downloaded through the server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_no_secret_or_environment_value_becomes_a_param(make_cfg, tmp_path, tiny_root, monkeypatch):
+    monkeypatch.setenv("VAE_SWEEPS_DATA_DIR", str(tiny_root))
+    cfg = make_cfg("tracking.uri=postgresql://alice:s3cret-pw@db.example/mlflow", "data.root=${oc.env:VAE_SWEEPS_DATA_DIR}")
+    params = tracking.flat_params(cfg)
+    assert not any("s3cret" in v or str(tiny_root) in v for v in params.values())
+    assert not any(k.startswith(("tracking", "paths")) or k in ("data.root", "force") for k in params)
+    text = tracking.config_yaml(cfg)
+    assert "s3cret" not in text and "postgresql://alice:***@db.example/mlflow" in text
+
+
+def test_retrying_client_repeats_only_locked_writes():
+    calls = []
+
+    class Flaky:
+        def log_batch(self, *args):
+            calls.append(args)
+            if len(calls) < 3:
+                raise RuntimeError("(sqlite3.OperationalError) database is locked")
+            return "logged"
+
+        def get_run(self, run_id):
+            calls.append(run_id)
+            raise RuntimeError("RESOURCE_DOES_NOT_EXIST")
+
+    client = tracking.RetryingClient(Flaky(), attempts=4, wait=0.0)
+    assert client.log_batch("run") == "logged" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(RuntimeError, match="RESOURCE_DOES_NOT_EXIST"):
+        client.get_run("x")
+    assert len(calls) == 1  # other errors are not retried
+    always_locked = tracking.RetryingClient(Flaky(), attempts=2, wait=0.0)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="database is locked"):
+        always_locked.log_batch("run")
+    assert len(calls) == 2
