@@ -85,7 +85,13 @@ def test_an_interrupted_run_is_killed_then_resumed_to_the_full_epoch_count(tmp_p
 
 
 def test_interrupts_at_awkward_moments_keep_the_run_resumable(make_cfg, tmp_path, monkeypatch):
-    cfg = lambda: make_cfg("trainer.max_epochs=3", *SMALL)  # noqa: E731
+    calls = iter(range(3))
+
+    def cfg():  # a new output folder each time, as a new job has: resuming downloads the checkpoint
+        config = make_cfg("trainer.max_epochs=3", *SMALL)
+        config.paths.output_dir = str(tmp_path / f"job{next(calls)}")
+        return config
+
     keep_sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C once it caught one
     original = EpochCheckpoint.on_train_epoch_end
 

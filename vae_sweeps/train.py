@@ -122,7 +122,8 @@ def resume_or_start(client, experiment_id: str, cfg: DictConfig, digest: str, ch
     if killed is None or "resume_from_epoch" not in killed.data.tags:
         return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
     run_id, epochs = killed.info.run_id, int(killed.data.tags["resume_from_epoch"])
-    client.download_artifacts(run_id, "checkpoints/last.ckpt", str(checkpoint.parents[1]))
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(client.download_artifacts(run_id, "checkpoints/last.ckpt", str(checkpoint.parent)), checkpoint)
     client.update_run(run_id, status="RUNNING")
     for key, value in {"resumed_from_epoch": epochs, "output_dir": checkpoint.parents[1], "pid": os.getpid()}.items():
         client.set_tag(run_id, key, str(value))
