@@ -11,6 +11,8 @@ BACKEND ?= sqlite:///mlruns/mlflow.db
 ARTIFACTS ?= mlruns/artifacts
 HOST ?= 127.0.0.1
 PORT ?= 5000
+# What `make bench` runs besides A, B and C (see benchmarks/bench.py --help).
+BENCH_ARGS ?= --cnn-variants --sweep
 # More `mlflow server` options, e.g. SERVER_ARGS="--workers 2".
 SERVER_ARGS ?=
 # The parts of the study (conf/experiment/), and what study-quick changes: 1 seed, 4 epochs.
@@ -20,7 +22,7 @@ QUICK ?= seed=0 trainer.max_epochs=4
 run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep study study-quick report test server ui clean
+.PHONY: help install train sweep study study-quick report test bench server ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +50,9 @@ report: ## Rebuild the study's tables and figures from MLflow into reports/ (no 
 
 test: ## Run the test suite
 	$(PY) -m pytest
+
+bench: ## Training speed against a plain PyTorch loop, memory, CNN variants, sweep throughput (~6 min)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 server: ## MLflow tracking server with served artifacts, http://127.0.0.1:5000 (HOST, PORT, BACKEND)
 	$(PY) -m mlflow server --backend-store-uri $(BACKEND) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)

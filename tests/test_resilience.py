@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from vae_sweeps import tracking
 from vae_sweeps.report import build_report
-from vae_sweeps.train import EpochCheckpoint, train
+from vae_sweeps.train import EpochEnd, train
 
 
 # A small model where the model does not matter: fast epochs, small checkpoints.
@@ -93,14 +93,14 @@ def test_interrupts_at_awkward_moments_keep_the_run_resumable(make_cfg, tmp_path
         return config
 
     keep_sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C once it caught one
-    original = EpochCheckpoint.on_train_epoch_end
+    original = EpochEnd.save
 
-    def stop_after_saving_epoch_2(self, trainer, pl_module):
-        original(self, trainer, pl_module)
-        if self.epochs == 2:
+    def stop_after_saving_epoch_2(self, trainer):
+        original(self, trainer)
+        if self.saved == 2:
             raise KeyboardInterrupt  # between the checkpoint and the epoch's metrics
 
-    monkeypatch.setattr(EpochCheckpoint, "on_train_epoch_end", stop_after_saving_epoch_2)
+    monkeypatch.setattr(EpochEnd, "save", stop_after_saving_epoch_2)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         train(cfg())
     monkeypatch.undo()

@@ -21,7 +21,6 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import pytorch_lightning as pl
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -230,36 +229,11 @@ def start_run(client: MlflowClient, experiment_id: str, cfg: DictConfig, output_
     return run_id
 
 
-class MLflowMetrics(pl.Callback):
-    """Logs the epoch means of ``train/*`` and ``val/*`` together once an epoch is over (put
-    it after the checkpoint callback, so logged epochs are never ahead of the checkpoint),
-    and ``test/*`` after testing; step = number of completed epochs."""
-
-    def __init__(self, client: MlflowClient, run_id: str, epochs_logged: int = 0):
-        self.client, self.run_id = client, run_id
-        self.epochs_logged, self._validated = epochs_logged, False
-
-    def _log(self, trainer: pl.Trainer, prefixes: tuple[str, ...], step: int) -> None:
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in trainer.callback_metrics.items()
-                   if k.startswith(prefixes)]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._validated = not trainer.sanity_checking
-
-    def log_epoch(self, trainer: pl.Trainer, epochs: int) -> None:
-        """Log epoch ``epochs`` (1-based) unless it already is."""
-        if epochs > self.epochs_logged:
-            self._log(trainer, ("train/", "val/") if self._validated else ("train/",), epochs)
-            self.epochs_logged, self._validated = epochs, False
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.log_epoch(trainer, trainer.current_epoch + 1)
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._log(trainer, ("test/",), trainer.current_epoch)
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log ``metrics`` in one batch, at ``step`` (the number of completed epochs)."""
+    now = int(time.time() * 1000)
+    if metrics:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 class PrepareTracking(Callback):

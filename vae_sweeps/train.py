@@ -14,6 +14,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from pytorch_lightning.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
 from vae_sweeps import figures, tracking
@@ -62,24 +63,46 @@ def make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], output_dir: Path
     options = plain(cfg.trainer)
     if options.get("enable_progress_bar") is None:  # a bar in a terminal, none in logs
         options["enable_progress_bar"] = sys.stderr.isatty()
-    # enable_checkpointing=False: EpochCheckpoint saves the state, Lightning's default would too
-    return pl.Trainer(**options, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                      default_root_dir=output_dir)
+    # EpochEnd is the Checkpoint callback: Lightning adds none of its own
+    return pl.Trainer(**options, callbacks=callbacks, logger=False, default_root_dir=output_dir)
 
 
-class EpochCheckpoint(pl.Callback):
-    """The whole training state after every epoch, in one file replaced atomically (an
-    interrupt while saving leaves the previous epoch's file whole), so that an interrupted
-    run can resume from its last completed epoch."""
+class EpochEnd(Checkpoint):
+    """The end of each training epoch, in the order that keeps a run resumable: save the
+    whole training state (replacing the file atomically, so an interrupt while saving
+    leaves the previous epoch's file whole), then log the epoch's ``train/*`` and ``val/*``
+    means to MLflow. The logged epochs never run ahead of the checkpoint, so a resumed run
+    logs every epoch exactly once.
 
-    def __init__(self, path: Path, epochs: int = 0):
-        self.path, self.epochs = path, epochs  # epochs: completed epochs that ``path`` holds
+    A Checkpoint subclass because Lightning calls those after the LightningModule's own
+    ``on_train_epoch_end``, where the epoch means are logged.
+    """
+
+    def __init__(self, path: Path, client, run_id: str, epochs: int = 0):
+        self.path, self.client, self.run_id = path, client, run_id
+        self.saved = self.logged = epochs  # completed epochs in the file / in MLflow
+        self.validated = False
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validated = not trainer.sanity_checking
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+        self.log_epoch(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
         partial = self.path.with_suffix(".partial")
         trainer.save_checkpoint(partial, weights_only=False)
         os.replace(partial, self.path)
-        self.epochs = trainer.current_epoch + 1
+        self.saved = trainer.current_epoch + 1
+
+    def log_epoch(self, trainer: pl.Trainer) -> None:
+        """Log the saved epoch's means, unless they already are."""
+        if self.saved > self.logged:
+            stages = ("train/", "val/") if self.validated else ("train/",)
+            means = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(stages)}
+            tracking.log_metrics(self.client, self.run_id, means, self.saved)
+            self.logged, self.validated = self.saved, False
 
 
 @contextmanager
@@ -162,26 +185,26 @@ def train(cfg: DictConfig) -> dict:
     run_id, done = resume_or_start(client, experiment_id, cfg, digest, checkpoint)
     client.set_tag(run_id, "torch_threads", str(torch.get_num_threads()))
     log.info("MLflow run %s (%s)", run_id, tracking.run_name(cfg))
-    epochs = EpochCheckpoint(checkpoint, epochs=done)
-    metrics = tracking.MLflowMetrics(client, run_id, epochs_logged=done)
+    epoch_end = EpochEnd(checkpoint, client, run_id, epochs=done)
     trainer = None
     with sigterm_as_interrupt():
         try:
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim))
-            trainer = make_trainer(cfg, [epochs, metrics], output_dir)  # checkpoint, then log the epoch
+            trainer = make_trainer(cfg, [epoch_end], output_dir)
             trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint if done else None, weights_only=True)
             test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-            client.log_artifact(run_id, str(epochs.path), "checkpoints")
+            tracking.log_metrics(client, run_id, test, epoch_end.saved)
+            client.log_artifact(run_id, str(checkpoint), "checkpoints")
             log_figures(client, run_id, module, datamodule, caption(cfg, run_id))
         except BaseException as err:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
             interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
-            if interrupted and epochs.epochs:
+            if interrupted and epoch_end.saved:
                 if trainer is not None:
-                    metrics.log_epoch(trainer, epochs.epochs)  # if stopped between checkpoint and log
-                client.log_artifact(run_id, str(epochs.path), "checkpoints")
-                client.set_tag(run_id, "resume_from_epoch", str(epochs.epochs))
+                    epoch_end.log_epoch(trainer)  # if stopped between the checkpoint and its metrics
+                client.log_artifact(run_id, str(checkpoint), "checkpoints")
+                client.set_tag(run_id, "resume_from_epoch", str(epoch_end.saved))
             client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
             client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
             raise
