@@ -55,6 +55,15 @@ def test_experiment_composes_to_its_grid(experiment):
     assert {c.trainer.max_epochs for c in configs} == {30}  # the study's budget
 
 
+def test_the_priors_experiment_composes_to_its_grid():
+    jobs, configs, _ = planned("experiment=priors")
+    grid = {(c.prior.name, c.prior.get("kl"), c.model.latent_dim, c.seed) for c in configs}
+    variants = [("standard", None), ("none", None), ("gmm", "bound"), ("gmm", "tight"), ("gmm", "mc")]
+    assert len(jobs) == 30
+    assert grid == {(name, kl, d, s) for name, kl in variants for d in (2, 10) for s in SEEDS}
+    assert {(c.model.name, c.loss.name, float(c.loss.c), c.data.name) for c in configs} == {("mlp3", "bce", 1.0, "mnist")}
+
+
 def test_the_first_seed_of_every_configuration_runs_first():
     jobs, configs, _ = planned("experiment=table3")
     assert [c.seed for c in configs[:5]] == [0] * 5 and configs[5].seed == 1

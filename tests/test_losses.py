@@ -6,8 +6,13 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from vae_sweeps.losses import bce, kl_standard_normal, l1, l2
+from vae_sweeps.losses import bce, l1, l2
+from vae_sweeps.priors import StandardPrior
 from vae_sweeps.vae import VAE
+
+
+def kl_standard_normal(mu, logvar):
+    return StandardPrior(mu.shape[1]).kl(mu, logvar, mu)
 
 # Three pixels with pixel means sigmoid(logits) = 0.5, 0.75, 0.25 against targets 1, 0, 0.5.
 LOGITS = torch.tensor([[0.0, math.log(3.0), -math.log(3.0)]])
@@ -55,7 +60,8 @@ def test_losses_sum_per_image_over_pixels():
 def test_vae_loss_is_c_recon_plus_kl_averaged_over_the_batch(c):
     vae = VAE(torch.nn.Identity(), torch.nn.Identity(), latent_dim=2, recon="l1", c=c)
     x = TARGET.repeat(2, 1)
-    out = {"logits": LOGITS.repeat(2, 1), "mu": torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+    mu = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    out = {"logits": LOGITS.repeat(2, 1), "mu": mu, "z": mu,
            "logvar": torch.tensor([[0.0, math.log(4.0)], [0.0, 0.0]])}
     losses = vae.loss(x, out)
     kl_mean = (2.0 - math.log(2.0) + 0.0) / 2

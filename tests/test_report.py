@@ -17,7 +17,7 @@ from vae_sweeps.train import train
 
 # (overrides, seed) of the real runs; mlp3/bce/z2 runs twice, so its cells have n = 2.
 RUNS = [("model.latent_dim=2", 0), ("model.latent_dim=2", 1), ("loss=l1", 0), ("loss=l2", 0),
-        ("model.latent_dim=1", 0), ("model.latent_dim=20", 0)]
+        ("model.latent_dim=1", 0), ("model.latent_dim=20", 0), ("prior=gmm", 0), ("prior=none", 0)]
 
 
 def fake_run(client, experiment_id, params: dict, metrics: dict, status: str, start_time: int) -> str:
@@ -65,6 +65,28 @@ def test_table_values_are_the_mean_and_std_of_the_logged_metrics(report):
     assert table.loc["bce", "total_diff"] == pytest.approx(np.mean([r["test/loss"] for r in pair]) - 138.43)
     assert table.loc["l1", "n"] == 1 and pd.isna(table.loc["l1", "test_total_std"])
     assert table.loc["l1", "test_total_mean"] == pytest.approx(results[2]["test/loss"])
+    for column in ("log_px", "elbo", "knn_accuracy", "active_units", "sharpness", "recon_l1"):
+        assert table.loc["bce", f"test_{column}_mean"] == pytest.approx(np.mean([r[f"test/{column}"] for r in pair]))
+    assert table.loc["bce", "iw_samples"] == 50 and table.loc["bce", "knn_k"] == 5
+
+
+def test_the_priors_table_and_its_verdict(report):
+    built, results, _, out = report
+    table = pd.read_csv(out / "priors_z2.csv").set_index("prior.name/prior.kl")
+    assert table["n"].to_dict() == pytest.approx({"standard": 2, "gmm/bound": np.nan, "gmm/tight": 1,
+                                                  "gmm/mc": np.nan, "none": 1}, nan_ok=True)
+    assert table.loc["gmm/tight", "test_log_px_mean"] == pytest.approx(results[6]["test/log_px"])
+    assert table.loc["gmm/tight", "test_kl_bound_gap_mean"] == pytest.approx(results[6]["test/kl_bound_gap"])
+    assert pd.isna(table.loc["none", "test_log_px_mean"])  # an autoencoder has no likelihood
+    # Table 1 holds the standard prior only
+    assert pd.read_csv(out / "table1.csv").set_index("model.name").loc["mlp3", "n"] == 2
+    report_md = (out / "report.md").read_text()
+    assert ("mlp3, BCE, c = 1, latent dim 2, MNIST: the best mixture prior (gmm/tight) reaches log p(x) = "
+            f"{results[6]['test/log_px']:.2f}") in report_md
+    assert "with one seed each, too few to tell the difference from noise" in report_md
+    assert "python -m vae_sweeps -m prior=gmm prior.kl=bound model=mlp3 model.latent_dim=2" in report_md
+    markdown = (out / "priors_z2.md").read_text()
+    assert "| gmm/tight |" in markdown and "study Recon" not in markdown and "tight - MC" in markdown
 
 
 def test_train_columns_are_the_last_epoch(report):
@@ -96,7 +118,7 @@ def test_missing_cells_show_a_dash_and_are_listed(report):
     assert "| mlp3 | " in markdown and "| mlp3 | —" not in markdown
     assert pd.isna(pd.read_csv(out / "table1.csv").set_index("model.name").loc["mlp2", "test_total_mean"])
     assert built["missing"]["table1"] == [
-        f"python -m vae_sweeps -m model={m} model.latent_dim=2 loss=bce loss.c=1.0 data=mnist seed=0,1,2"
+        f"python -m vae_sweeps -m model={m} model.latent_dim=2 loss=bce loss.c=1.0 data=mnist prior=standard seed=0,1,2"
         for m in ("mlp2", "mlp4", "cnn")]
     report_md = (out / "report.md").read_text()
     assert "model=mlp4 model.latent_dim=2 loss=bce" in report_md
@@ -120,6 +142,8 @@ def test_every_figure_is_a_png_of_the_expected_size(report):
         "samples": side_by_side("samples", 2),
         "curves_latent": size["loss_curves"],  # dims 1, 2, 20 of 5
         "curves_models": size["loss_curves"],  # mlp3 only
+        "priors_latent_scatter": side_by_side("latent_scatter", 3),  # standard, gmm tight, none
+        "priors_samples": side_by_side("samples", 3),
     }
     assert {name: png_size(path) for name, path in built["figures"].items()} == expected
     for path in built["figures"].values():
@@ -137,5 +161,5 @@ def test_report_command_reads_the_store_from_the_environment(report, tmp_path):
     done = subprocess.run([sys.executable, "-m", "vae_sweeps.report", "--out", str(tmp_path / "r")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"Wrote {tmp_path / 'r' / 'report.md'}: 7 tables" in done.stdout
+    assert f"Wrote {tmp_path / 'r' / 'report.md'}: 9 tables" in done.stdout
     assert (tmp_path / "r" / "table1.csv").read_text() == (out / "table1.csv").read_text()

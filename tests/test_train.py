@@ -56,6 +56,21 @@ def test_metrics_per_epoch_and_on_the_test_set(finished):
     assert metrics["test/kl"] > 0 and metrics["test/recon"] > 0
 
 
+def test_the_evaluation_is_logged_with_the_test_metrics(finished):
+    _, result, client, run = finished
+    metrics = run.data.metrics
+    evaluation = ["test/elbo", "test/log_px", "test/recon_bce", "test/recon_l2", "test/recon_l1",
+                  "test/sharpness", "test/active_units", "test/knn_accuracy"]
+    for key in evaluation:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2], key
+        assert metrics[key] == pytest.approx(result[key])
+    # the ELBO (-c * Recon - KL, 50 samples an image) estimates what test/loss (one sample) does
+    assert metrics["test/elbo"] == pytest.approx(-metrics["test/loss"], rel=0.02)
+    assert metrics["test/log_px"] >= metrics["test/elbo"]
+    assert 0 <= metrics["test/active_units"] <= 2 and 0 <= metrics["test/knn_accuracy"] <= 1
+    assert run.data.params["eval.iw_samples"] == "50" and run.data.params["prior.name"] == "standard"
+
+
 def test_artifacts_config_and_a_safe_loading_checkpoint(finished):
     tmp_path, _, client, run = finished
     run_id = run.info.run_id

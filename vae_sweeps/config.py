@@ -17,6 +17,7 @@ from vae_sweeps.errors import ConfigError
 from vae_sweeps.losses import RECON_LOSSES
 from vae_sweeps.models import ARCHITECTURES, MLP_DEPTHS
 from vae_sweeps.module import OPTIMIZERS
+from vae_sweeps.priors import KL_ESTIMATORS, PRIORS
 
 
 # Settings that do not change a run's results. They are left out of its identity, which is
@@ -108,6 +109,12 @@ def validate(cfg: DictConfig) -> None:
     _choice("loss.name", loss.name, list(RECON_LOSSES), "loss=<name> on the command line")
     _positive_finite("loss.c", loss.c, "1.0")
 
+    prior = cfg.prior
+    _choice("prior.name", prior.name, PRIORS, "prior=<name> on the command line")
+    if prior.name == "gmm":
+        _int_at_least("prior.components", prior.components, 1, "10")
+        _choice("prior.kl", prior.kl, KL_ESTIMATORS, "prior.kl=<estimator>")
+
     _choice("data.name", data.name, list(DATASETS), "data=<name> on the command line")
     _int_at_least("data.batch_size", data.batch_size, 1, "128")
     _int_at_least("data.val_size", data.val_size, 1, "5000")
@@ -117,6 +124,8 @@ def validate(cfg: DictConfig) -> None:
               "FashionMNIST/raw/ (set data.root=... or VAE_SWEEPS_DATA_DIR)")
 
     _int_at_least("trainer.max_epochs", cfg.trainer.max_epochs, 1, "30")
+    _int_at_least("eval.iw_samples", cfg.eval.iw_samples, 1, "50")
+    _int_at_least("eval.knn_k", cfg.eval.knn_k, 1, "5")
     _choice("optim.name", cfg.optim.name, list(OPTIMIZERS), "optim.name=<name>")
     _positive_finite("optim.lr", cfg.optim.lr, "0.001")
     _int_at_least("seed", cfg.seed, 0, "0")

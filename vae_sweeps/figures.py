@@ -130,21 +130,23 @@ def quantile_grid(decode, caption: str, steps: int = 15) -> Figure:
     return fig
 
 
-def project_2d(means: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
-    """Latent means as 2-D points: as they are for dim 2, the first two principal components
-    above it, and (mean, 0) for dim 1."""
+def projection_2d(means: np.ndarray):
+    """(project, axis labels): latent points to 2-D, as they are for dim 2, on the first two
+    principal components of ``means`` above it, and as (z, 0) for dim 1."""
     if means.shape[1] == 1:
-        return np.column_stack([means[:, 0], np.zeros(len(means))]), ("z", "")
+        return (lambda z: np.column_stack([z[:, 0], np.zeros(len(z))])), ("z", "")
     if means.shape[1] == 2:
-        return means, ("z1", "z2")
-    centred = means - means.mean(0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return centred @ vt[:2].T, ("principal component 1", "principal component 2")
+        return (lambda z: z), ("z1", "z2")
+    centre = means.mean(0)
+    _, _, vt = np.linalg.svd(means - centre, full_matrices=False)
+    return (lambda z: (z - centre) @ vt[:2].T), ("principal component 1", "principal component 2")
 
 
 def latent_scatter(means: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], caption: str,
-                   title: str = "Test-set latent means by class") -> Figure:
-    points, (xlabel, ylabel) = project_2d(means)
+                   title: str = "Test-set latent means by class", components: np.ndarray | None = None) -> Figure:
+    """The latent means coloured by class; a mixture prior's component means as black crosses."""
+    project, (xlabel, ylabel) = projection_2d(means)
+    points = project(means)
     if means.shape[1] == 1:  # spread the classes vertically so they can be told apart
         points[:, 1] = labels + np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))
         ylabel = "class"
@@ -155,6 +157,10 @@ def latent_scatter(means: np.ndarray, labels: np.ndarray, classes: tuple[str, ..
         mask = labels == k
         if mask.any():
             ax.scatter(points[mask, 0], points[mask, 1], s=3, alpha=0.6, color=colours[k % 10], label=name)
+    if components is not None and means.shape[1] > 1:
+        centres = project(components)
+        ax.scatter(centres[:, 0], centres[:, 1], s=60, marker="x", color="black", linewidths=2,
+                   label="prior components")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} (latent dim {means.shape[1]})", fontsize=10)
@@ -206,9 +212,10 @@ def run_figures(vae, test_images: torch.Tensor, test_labels: torch.Tensor, class
 
     x = test_images[fixed_test_indices(test_labels)]
     means = torch.cat([vae.encode(batch)[0] for batch in test_images.split(1000)]).cpu().numpy()
+    components = vae.prior.means.detach().cpu().numpy() if hasattr(vae.prior, "means") else None
     figs = {
         "reconstructions": reconstructions(x, vae.reconstruct(x), caption),
-        "latent_scatter": latent_scatter(means, test_labels.cpu().numpy(), classes, caption),
+        "latent_scatter": latent_scatter(means, test_labels.cpu().numpy(), classes, caption, components=components),
         "samples": samples(vae.sample(64), caption),
         "loss_curves": loss_curves({"this run": curves}, caption),
     }

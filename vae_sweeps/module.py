@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from vae_sweeps import models
+from vae_sweeps import models, priors
 from vae_sweeps.vae import VAE
 
 OPTIMIZERS = {
@@ -34,16 +34,17 @@ class VAEModule(pl.LightningModule):
     manual optimisation, the same zero_grad, backward and step) because the automatic
     closure machinery costs about 0.4 ms a step. Lightning therefore refuses
     ``trainer.gradient_clip_val`` and ``trainer.accumulate_grad_batches`` with a clear error.
-    Its hyper-parameters are plain dicts (the ``model``, ``loss`` and ``optim`` config
-    groups), so a checkpoint loads with ``weights_only=True``.
+    Its hyper-parameters are plain dicts (the ``model``, ``loss``, ``optim`` and ``prior``
+    config groups), so a checkpoint loads with ``weights_only=True``.
     """
 
-    def __init__(self, model: dict, loss: dict, optim: dict):
+    def __init__(self, model: dict, loss: dict, optim: dict, prior: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         encoder, decoder = models.build(model["name"], model["latent_dim"], model["hidden"], model.get("channels"))
-        self.vae = VAE(encoder, decoder, model["latent_dim"], recon=loss["name"], c=loss["c"])
+        self.vae = VAE(encoder, decoder, model["latent_dim"], recon=loss["name"], c=loss["c"],
+                       prior=priors.build(prior or {"name": "standard"}, model["latent_dim"]))
         self.sums: dict[str, tuple[torch.Tensor, int]] = {}  # stage: (sums of METRICS, images)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -27,19 +27,27 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from vae_sweeps import figures, tracking
-from vae_sweeps.config import NOT_RESULTS
+from vae_sweeps.config import NOT_RESULTS, validate
 
 PROJECT = Path(__file__).resolve().parents[1]
 TABLES_FILE = PROJECT / "experiments" / "tables.yaml"
 RECORD = ("run_id", "status", "start_time", "sweep_id")  # per-run columns that are not params
 STATS = (("recon", "recon"), ("kl", "kl"), ("total", "loss"))  # (column name, metric name)
+# The end-of-run evaluation (evaluation.py): (metric test/<name>, column header)
+EVALUATION = (("elbo", "ELBO"), ("log_px", "log p(x), IW"), ("recon_bce", "BCE"), ("recon_l2", "L2"),
+              ("recon_l1", "L1"), ("sharpness", "sharpness"), ("active_units", "active units"),
+              ("knn_accuracy", "k-NN acc."), ("kl_mc", "KL (MC)"), ("kl_tight_gap", "tight - MC"),
+              ("kl_bound_gap", "bound - MC"))
 COLUMNS = ["n", "epochs", "seeds",
            *[f"test_{name}_{s}" for name, _ in STATS for s in ("mean", "std")],
            *[f"train_{name}" for name, _ in STATS],
-           "study_recon", "study_kl", "study_total", "total_diff", "run_ids"]
+           "study_recon", "study_kl", "study_total", "total_diff",
+           *[f"test_{name}_{s}" for name, _ in EVALUATION for s in ("mean", "std")],
+           "iw_samples", "knn_k", "run_ids"]
 DASH = "—"
 TITLE_BAND = 64  # pixels above the panels of a composed figure: its title, then panel labels
 
@@ -69,10 +77,20 @@ def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
         if not token:
             break
     runs = pd.DataFrame.from_records(records, columns=list(RECORD) if not records else None)
+    for key, value in default_params().items():  # a run made before a setting existed ran with its default
+        runs[key] = runs[key].fillna(value) if key in runs else value
     for column in runs.columns:
         if column not in RECORD and not column.startswith("metrics."):
             runs[column] = _numbers(runs[column])
     return runs
+
+
+def default_params() -> dict[str, str]:
+    """The params of a run of the default config, as strings (as MLflow returns them)."""
+    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["paths.output_dir=."])
+    validate(cfg)  # the same number types as a logged run
+    return tracking.flat_params(cfg)
 
 
 def _is_result_setting(column: str) -> bool:
@@ -92,9 +110,12 @@ def finished_groups(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _matches(runs: pd.DataFrame, key: str, value) -> pd.Series:
+    """Runs whose param ``key`` is ``value`` (None: runs without that param)."""
     if key not in runs:
-        return pd.Series(False, index=runs.index)
+        return pd.Series(value is None, index=runs.index)
     column = runs[key]
+    if value is None:
+        return column.isna()
     if isinstance(value, (int, float)) and pd.api.types.is_numeric_dtype(column):
         return pd.Series(np.isclose(column.astype(float), float(value)), index=runs.index)
     return column.astype(str) == str(value)
@@ -117,13 +138,16 @@ def pick_group(done: pd.DataFrame, settings: dict) -> pd.DataFrame:
 
 def summarise(group: pd.DataFrame) -> dict:
     """A table row's numbers: test mean and std over seeds, train at the last epoch, run ids."""
-    row = {"n": len(group), "epochs": group.get("trainer.max_epochs", pd.Series([np.nan])).max(),
+    nothing = pd.Series([np.nan])
+    row = {"n": len(group), "epochs": group.get("trainer.max_epochs", nothing).max(),
            "seeds": " ".join(str(int(s)) for s in group["seed"]),
+           "iw_samples": group.get("eval.iw_samples", nothing).max(), "knn_k": group.get("eval.knn_k", nothing).max(),
            "run_ids": " ".join(group["run_id"])}
-    for name, metric in STATS:
+    for name, metric in [*STATS, *[(name, name) for name, _ in EVALUATION]]:
         test = group.get(f"metrics.test/{metric}", pd.Series(dtype=float))
         row[f"test_{name}_mean"] = test.mean()
         row[f"test_{name}_std"] = test.std(ddof=1)  # NaN for one seed
+    for name, metric in STATS:
         row[f"train_{name}"] = group.get(f"metrics.train/{metric}", pd.Series(dtype=float)).mean()
     return row
 
@@ -133,58 +157,112 @@ def summarise(group: pd.DataFrame) -> dict:
 
 def fill_command(settings: dict) -> str:
     """The sweep that would fill a cell: its settings as overrides, over three seeds."""
-    groups = {"model.name": "model", "loss.name": "loss", "data.name": "data"}
-    overrides = [f"{groups.get(k, k)}={v}" for k, v in settings.items()]
+    groups = {"model.name": "model", "loss.name": "loss", "data.name": "data", "prior.name": "prior"}
+    overrides = [f"{groups.get(k, k)}={v}" for k, v in settings.items() if v is not None]
     return f"python -m vae_sweeps -m {' '.join(overrides)} seed=0,1,2"
+
+
+def row_keys(spec: dict) -> list[str]:
+    """The params that form a table's rows: one key, or several (``rows: [a, b]``)."""
+    return spec["rows"] if isinstance(spec["rows"], list) else [spec["rows"]]
+
+
+def row_label(spec: dict) -> str:
+    return "/".join(row_keys(spec))
+
+
+def row_settings(spec: dict, value) -> dict:
+    values = value if isinstance(spec["rows"], list) else [value]
+    return dict(zip(row_keys(spec), values))
+
+
+def cell_key(value):
+    """A row value as a dict key (several-key rows are lists in the YAML)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def build_table(done: pd.DataFrame, spec: dict) -> tuple[pd.DataFrame, list[str]]:
     """(one row per value of the table's row axis, the commands that would fill its gaps)."""
     rows, missing = [], []
     published = spec.get("published") or {}
+    label = row_label(spec)
     for value in spec["values"]:
-        settings = {spec["rows"]: value, **spec["fixed"]}
+        settings = {**row_settings(spec, value), **spec["fixed"]}
         group = pick_group(done, settings)
-        row = {spec["rows"]: value}
+        row = {label: "/".join(str(v) for v in row_settings(spec, value).values() if v is not None)}
         if group.empty:
             missing.append(fill_command(settings))
         else:
             row.update(summarise(group))
-        if value in published:
-            row["study_recon"], row["study_kl"], row["study_total"] = published[value]
+        if cell_key(value) in published:
+            row["study_recon"], row["study_kl"], row["study_total"] = published[cell_key(value)]
         rows.append(row)
-    table = pd.DataFrame(rows).reindex(columns=[spec["rows"], *COLUMNS])
-    table[["n", "epochs"]] = table[["n", "epochs"]].astype("Int64")
+    table = pd.DataFrame(rows).reindex(columns=[label, *COLUMNS])
+    for column in ("n", "epochs", "iw_samples", "knn_k"):
+        table[column] = table[column].astype("Int64")
     table["total_diff"] = table["test_total_mean"] - table["study_total"]
     return table, missing
 
 
 def _cell(value, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return DASH
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _mean_std(row: pd.Series, name: str) -> str:
+def _mean_std(row: pd.Series, name: str, digits: int = 2) -> str:
     mean, std = row[f"test_{name}_mean"], row[f"test_{name}_std"]
     if pd.isna(mean):
         return DASH
-    return f"{mean:.2f} ± {std:.2f}" if not pd.isna(std) else f"{mean:.2f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if not pd.isna(std) else f"{mean:.{digits}f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
 def table_markdown(table: pd.DataFrame, axis: str) -> str:
+    """Our test Recon, KL and Total, and the study's numbers where it published some."""
+    study = ["study_recon", "study_kl", "study_total", "total_diff"] if table["study_total"].notna().any() else []
     header = [axis, "Recon", "KL", "Total", "n", "epochs", "train Recon", "train KL", "train Total",
-              "study Recon", "study KL", "study Total", "Δ Total"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in table.iterrows():
-        cells = [_cell(row[axis]), *(_mean_std(row, name) for name, _ in STATS),
-                 _cell(None if pd.isna(row["n"]) else int(row["n"])),
-                 _cell(None if pd.isna(row["epochs"]) else int(row["epochs"])),
-                 *(_cell(row[f"train_{name}"]) for name, _ in STATS),
-                 *(_cell(row[c]) for c in ("study_recon", "study_kl", "study_total")),
-                 _cell(row["total_diff"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+              *(["study Recon", "study KL", "study Total", "Δ Total"] if study else [])]
+    rows = [[_cell(row[axis]), *(_mean_std(row, name) for name, _ in STATS), _cell(row["n"]), _cell(row["epochs"]),
+             *(_cell(row[f"train_{name}"]) for name, _ in STATS), *(_cell(row[c]) for c in study)]
+            for _, row in table.iterrows()]
+    return _markdown(header, rows)
+
+
+def evaluation_markdown(table: pd.DataFrame, axis: str) -> str:
+    """The end-of-run evaluation: the columns that have a value in some row."""
+    shown = [(name, header) for name, header in EVALUATION if table[f"test_{name}_mean"].notna().any()]
+    digits = {"knn_accuracy": 3, "sharpness": 3, "active_units": 1}
+    rows = [[_cell(row[axis]), *(_mean_std(row, name, digits.get(name, 2)) for name, _ in shown), _cell(row["n"])]
+            for _, row in table.iterrows()]
+    return _markdown([axis, *(header for _, header in shown), "n"], rows)
+
+
+def prior_verdict(table: pd.DataFrame, axis: str, setting: str) -> str:
+    """Whether the best mixture prior beats the standard one on the IW log p(x), in words."""
+    by_label = table.set_index(axis)
+    mixtures = by_label[by_label.index.str.startswith("gmm") & by_label["test_log_px_mean"].notna()]
+    if "standard" not in by_label.index or pd.isna(by_label.loc["standard", "test_log_px_mean"]) or mixtures.empty:
+        return f"{setting}: not enough finished runs to compare the priors yet."
+    standard = by_label.loc["standard"]
+    best_label = mixtures["test_log_px_mean"].idxmax()
+    best = mixtures.loc[best_label]
+    gain = best["test_log_px_mean"] - standard["test_log_px_mean"]
+    spread = np.nansum([standard["test_log_px_std"], best["test_log_px_std"]])
+    if min(standard["n"], best["n"]) < 2:
+        judged = "with one seed each, too few to tell the difference from noise"
+    elif abs(gain) <= spread:
+        judged = "within the spread over seeds: no clear difference"
+    else:
+        judged = "beyond the spread over seeds"
+    held = "held" if gain > 0 and "beyond" in judged else "did not clearly hold"
+    return (f"{setting}: the best mixture prior ({best_label}) reaches log p(x) = {best['test_log_px_mean']:.2f} "
+            f"against {standard['test_log_px_mean']:.2f} for the standard prior, a difference of {gain:+.2f} nats, "
+            f"{judged}. The study's hypothesis that a mixture prior helps {held} here.")
 
 
 # ---------------------------------------------------------------------------- figures
@@ -254,15 +332,16 @@ def build_report(client: MlflowClient, experiment: str, out: Path, source: str =
     for name, table_spec in spec["tables"].items():
         table, gaps = build_table(done, table_spec)
         table.to_csv(out / f"{name}.csv", index=False)
-        (out / f"{name}.md").write_text(table_markdown(table, table_spec["rows"]) + "\n")
+        label = row_label(table_spec)
+        (out / f"{name}.md").write_text(table_markdown(table, label) + "\n\n" + evaluation_markdown(table, label) + "\n")
         tables[name], missing[name] = table, gaps
         for value in table_spec["values"]:
-            cells[(name, value)] = pick_group(done, {**table_spec["fixed"], table_spec["rows"]: value})
+            cells[(name, cell_key(value))] = pick_group(done, {**table_spec["fixed"], **row_settings(table_spec, value)})
 
     made, absent = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, fig_spec in spec["figures"].items():
-            panels = {label: cells[(table, value)] for label, (table, value) in fig_spec["panels"].items()}
+            panels = {label: cells[(table, cell_key(value))] for label, (table, value) in fig_spec["panels"].items()}
             panels = {label: group for label, group in panels.items() if not group.empty}
             if fig_spec["kind"] == "curves":
                 fig = compose_curves(client, fig_spec, panels) if panels else None
@@ -297,9 +376,17 @@ def report_markdown(spec, tables, missing, made, absent, n_done, n_other, experi
         "epochs is shown. Each table's CSV (beside this file) lists the MLflow run ids behind every row.", "",
     ]
     for name, table_spec in spec["tables"].items():
+        table, label = tables[name], row_label(table_spec)
+        samples = sorted({int(k) for k in table["iw_samples"].dropna()})
         lines += [f"## {table_spec['title']}", "", f"Fixed: {table_spec['setting']}. "
                   f"Filled by `python -m vae_sweeps experiment={table_spec['experiment']}`.", "",
-                  table_markdown(tables[name], table_spec["rows"]), ""]
+                  table_markdown(table, label), "",
+                  "The end-of-run evaluation of the same runs (ELBO and log p(x) by Monte Carlo; BCE, L2 and L1 "
+                  "of the posterior-mean reconstructions; sharpness relative to the originals; "
+                  f"K = {', '.join(map(str, samples)) or DASH} importance samples per image):", "",
+                  evaluation_markdown(table, label), ""]
+        if table_spec.get("verdict"):
+            lines += [prior_verdict(table, label, table_spec["setting"]), ""]
         if missing[name]:
             lines += ["Missing cells; to fill them:", "", *[f"    {command}" for command in missing[name]], ""]
     lines += ["## Figures", ""]

@@ -134,7 +134,9 @@ def config_yaml(cfg: DictConfig) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    return (f"{cfg.model.name}-{cfg.loss.name}-z{cfg.model.latent_dim}-c{cfg.loss.c:g}"
+    prior = cfg.prior.name + (f"_{cfg.prior.kl}" if cfg.prior.name == "gmm" else "")
+    prior = "" if prior == "standard" else f"-{prior}"
+    return (f"{cfg.model.name}-{cfg.loss.name}-z{cfg.model.latent_dim}-c{cfg.loss.c:g}{prior}"
             f"-{cfg.data.name}-s{cfg.seed}")
 
 

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from pytorch_lightning.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
-from vae_sweeps import figures, tracking
+from vae_sweeps import evaluation, figures, tracking
 from vae_sweeps.config import validate
 from vae_sweeps.data import ImageDataModule
 from vae_sweeps.module import VAEModule
@@ -124,8 +124,9 @@ def sigterm_as_interrupt():
 
 
 def caption(cfg: DictConfig, run_id: str) -> str:
+    prior = cfg.prior.name + (f" ({cfg.prior.components}, {cfg.prior.kl})" if cfg.prior.name == "gmm" else "")
     return (f"{cfg.model.name} | {cfg.loss.name} | latent dim {cfg.model.latent_dim} | c = {cfg.loss.c:g} | "
-            f"{cfg.data.name} | seed {cfg.seed} | {cfg.trainer.max_epochs} epochs | run {run_id[:8]}")
+            f"prior {prior} | {cfg.data.name} | seed {cfg.seed} | {cfg.trainer.max_epochs} epochs | run {run_id[:8]}")
 
 
 def log_figures(client, run_id: str, module: VAEModule, datamodule: ImageDataModule, text: str) -> None:
@@ -190,10 +191,12 @@ def train(cfg: DictConfig) -> dict:
     with sigterm_as_interrupt():
         try:
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
-            module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim))
+            module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim),
+                               prior=plain(cfg.prior))
             trainer = make_trainer(cfg, [epoch_end], output_dir)
             trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint if done else None, weights_only=True)
             test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+            test.update(evaluation.evaluate(module.vae, datamodule.splits, cfg.eval.iw_samples, cfg.eval.knn_k))
             tracking.log_metrics(client, run_id, test, epoch_end.saved)
             client.log_artifact(run_id, str(checkpoint), "checkpoints")
             log_figures(client, run_id, module, datamodule, caption(cfg, run_id))

@@ -1,26 +1,30 @@
-"""The VAE: one interface for every architecture (encode, decode, sample, loss as a dict)."""
+"""The VAE: one interface for every architecture and prior (encode, decode, sample, loss as a dict)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from vae_sweeps.losses import RECON_LOSSES, kl_standard_normal
+from vae_sweeps.losses import RECON_LOSSES
+from vae_sweeps.priors import StandardPrior
 
 
 class VAE(nn.Module):
-    """q(z|x) = N(mu(x), diag(exp(logvar(x)))), p(z) = N(0, I), decoder logits f(z).
+    """q(z|x) = N(mu(x), diag(exp(logvar(x)))), a prior p(z) (N(0, I) by default; see
+    priors.py), decoder logits f(z).
 
-    Per image: loss = c * Recon(x, f(z)) + KL, with one z drawn per image; ``loss`` returns
-    the batch means of ``loss``, ``recon`` and ``kl`` (with c = 1 and BCE, loss is -ELBO).
+    Per image: loss = c * Recon(x, f(z)) + KL, with one z drawn per image (z = mu for the
+    deterministic encoder of prior ``none``); ``loss`` returns the batch means of ``loss``,
+    ``recon`` and ``kl`` (with c = 1, BCE and the standard prior, loss is -ELBO).
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int,
-                 recon: str = "bce", c: float = 1.0):
+                 recon: str = "bce", c: float = 1.0, prior: nn.Module | None = None):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.latent_dim, self.recon, self.c = latent_dim, recon, c
         self.recon_loss = RECON_LOSSES[recon]
+        self.prior = prior if prior is not None else StandardPrior(latent_dim)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=1)
@@ -37,19 +41,19 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar)
+        z = mu if self.prior.deterministic else self.reparameterize(mu, logvar)
         return {"logits": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
 
     def loss(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         recon = self.recon_loss(out["logits"], x)
-        kl = kl_standard_normal(out["mu"], out["logvar"])
+        kl = self.prior.kl(out["mu"], out["logvar"], out["z"])
         return {"loss": (self.c * recon + kl).mean(), "recon": recon.mean(), "kl": kl.mean()}
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
-        """n images decoded from z ~ p(z)."""
+        """n images decoded from z ~ p(z) (N(0, I) draws for the plain autoencoder)."""
         device = next(self.parameters()).device
-        return torch.sigmoid(self.decode(torch.randn(n, self.latent_dim, device=device)))
+        return torch.sigmoid(self.decode(self.prior.sample(n, device)))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

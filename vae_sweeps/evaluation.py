@@ -1,0 +1,120 @@
+"""What every run reports on the test set at its end, beyond the loss it trained with.
+
+- ``test/elbo`` and ``test/log_px``: the ELBO and the importance-weighted estimate of
+  log p(x) with K samples per image (``eval.iw_samples``), both by Monte Carlo, with the same
+  samples, whatever KL estimator the run trained with (so priors compare fairly). The
+  likelihood is the run's own term, log p(x|z) = -c * Recon: the Bernoulli log-likelihood
+  in nats for BCE with c = 1, and up to a constant otherwise. A plain autoencoder has
+  neither.
+- ``test/recon_bce``, ``test/recon_l2``, ``test/recon_l1``: the three reconstruction losses of
+  the posterior-mean reconstructions, whatever loss the run trained with.
+- ``test/active_units``: latent dimensions whose posterior mean varies across test images
+  with variance above ``threshold`` (0.01).
+- ``test/knn_accuracy``: k-NN classification (``eval.knn_k``) of test latent means among
+  the training latent means.
+- ``test/sharpness``: the mean image-gradient magnitude of the reconstructions relative to
+  the originals' (1 = as sharp as the data).
+- For a Gaussian-mixture prior, ``test/kl_mc``, ``test/kl_bound``, ``test/kl_tight`` and the
+  bounds' gaps to the MC estimate, ``test/kl_bound_gap`` and ``test/kl_tight_gap``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vae_sweeps.losses import RECON_LOSSES
+from vae_sweeps.priors import MixturePrior, gaussian_log_prob
+
+
+@torch.no_grad()
+def encode_means(vae, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    return torch.cat([vae.encode(x)[0] for x in images.split(batch)])
+
+
+@torch.no_grad()
+def log_weights(vae, x: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, B): log p(x|z) + log p(z) - log q(z|x) for k draws z ~ q(z|x) per image."""
+    mu, logvar = vae.encode(x)
+    z = mu + torch.randn(k, *mu.shape, device=mu.device) * (0.5 * logvar).exp()
+    logits = vae.decode(z.flatten(0, 1))
+    log_px_z = -vae.c * vae.recon_loss(logits, x.repeat(k, 1, 1, 1)).view(k, len(x))
+    return log_px_z + vae.prior.log_prob(z) - gaussian_log_prob(z, mu, logvar)
+
+
+@torch.no_grad()
+def elbo_and_log_px(vae, images: torch.Tensor, k: int, batch: int = 200) -> tuple[float, float]:
+    """Per-image means of the ELBO (the mean of the k log-weights) and of the importance-
+    weighted bound log (1/k) sum_i w_i, which is at least the ELBO and grows towards
+    log p(x) with k."""
+    elbo, log_px = 0.0, 0.0
+    for x in images.split(batch):
+        w = log_weights(vae, x, k)
+        elbo += w.mean(0).sum().item()
+        log_px += (torch.logsumexp(w, 0) - math.log(k)).sum().item()
+    return elbo / len(images), log_px / len(images)
+
+
+def active_units(means: torch.Tensor, threshold: float = 0.01) -> int:
+    """Latent dimensions whose posterior mean has variance above ``threshold`` across images."""
+    return int((means.var(0) > threshold).sum())
+
+
+@torch.no_grad()
+def knn_accuracy(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tensor, test_y: torch.Tensor,
+                 k: int, batch: int = 500) -> float:
+    """The share of test points whose k nearest training points (Euclidean) vote for their
+    class; ties go to the smaller class index."""
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    correct = 0
+    for z, y in zip(test_z.split(batch), test_y.split(batch)):
+        nearest = torch.cdist(z, train_z).topk(k, largest=False).indices
+        votes = F.one_hot(train_y[nearest], classes).sum(1)
+        correct += (votes.argmax(1) == y).sum().item()
+    return correct / len(test_z)
+
+
+def mean_gradient(images: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between neighbouring pixels, across and down."""
+    return ((images[..., :, 1:] - images[..., :, :-1]).abs().mean()
+            + (images[..., 1:, :] - images[..., :-1, :]).abs().mean())
+
+
+@torch.no_grad()
+def evaluate(vae, splits: dict, iw_samples: int, knn_k: int, batch: int = 1000) -> dict[str, float]:
+    """Every test/... figure of the module docstring, for a trained VAE."""
+    was_training = vae.training
+    vae.eval()
+    test_x, test_y = splits["test"]
+    train_x, train_y = splits["train"]
+    test_means = encode_means(vae, test_x, batch)
+    logits = torch.cat([vae.decode(mu) for mu in test_means.split(batch)])
+    metrics = {f"test/recon_{name}": loss(logits, test_x).mean().item() for name, loss in RECON_LOSSES.items()}
+    metrics["test/sharpness"] = (mean_gradient(torch.sigmoid(logits)) / mean_gradient(test_x)).item()
+    metrics["test/active_units"] = float(active_units(test_means))
+    metrics["test/knn_accuracy"] = knn_accuracy(encode_means(vae, train_x, batch), train_y, test_means, test_y, knn_k)
+    if not vae.prior.deterministic:
+        metrics["test/elbo"], metrics["test/log_px"] = elbo_and_log_px(vae, test_x, iw_samples)
+    if isinstance(vae.prior, MixturePrior):
+        metrics.update(mixture_kls(vae, test_x, batch))
+    vae.train(was_training)
+    return metrics
+
+
+@torch.no_grad()
+def mixture_kls(vae, images: torch.Tensor, batch: int) -> dict[str, float]:
+    """Per-image means of the three KL estimates, and the bounds' gaps to the MC one."""
+    sums = {"mc": 0.0, "bound": 0.0, "tight": 0.0}
+    prior = vae.prior
+    for x in images.split(batch):
+        mu, logvar = vae.encode(x)
+        z = vae.reparameterize(mu, logvar)
+        sums["mc"] += prior.kl_mc(mu, logvar, z).sum().item()
+        sums["bound"] += prior.kl_bound(mu, logvar).sum().item()
+        sums["tight"] += prior.kl_tight(mu, logvar).sum().item()
+    kls = {f"test/kl_{name}": total / len(images) for name, total in sums.items()}
+    for name in ("bound", "tight"):
+        kls[f"test/kl_{name}_gap"] = kls[f"test/kl_{name}"] - kls["test/kl_mc"]
+    return kls

@@ -1,0 +1,129 @@
+"""The prior axis: p(z) and the KL term it puts in the loss.
+
+- ``standard``: N(0, I), with the closed-form KL (the study's model).
+- ``gmm``: the mixture the study proposed and did not build, sum_m pi_m N(mu_m, diag(sigma_m^2)),
+  with learnable means, log-variances and weights. KL(q || mixture) has no closed form; the
+  training estimator is ``kl``:
+    ``bound``: the study's upper bound, q split into M equal parts, one per component:
+               sum_m (1/M) [ln(1 / (M pi_m)) + KL(q || p_m)];
+    ``tight``: the best bound of that family, -ln sum_m pi_m exp(-KL(q || p_m)) (the
+               variational approximation of Hershey and Olsen, 2007), never above ``bound``;
+    ``mc``:    ln q(z|x) - ln p(z) at the sampled z, exact in expectation.
+- ``none``: a plain autoencoder: z = mu(x), no KL; its "samples" decode N(0, I) draws.
+
+Every prior gives per-image values (summed over latent dimensions); ``log_prob`` is the
+density the evaluation uses, whatever the training estimator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+LOG_2PI = math.log(2 * math.pi)
+PRIORS = ("standard", "gmm", "none")
+KL_ESTIMATORS = ("bound", "tight", "mc")
+
+
+def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """ln N(z; mu, diag(exp(logvar))), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu).square() / logvar.exp()).sum(-1)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)) for diagonal Gaussians, summed over the last
+    dimension: sum_j 1/2 (2 ln(sigma_p / sigma) + (sigma^2 + (mu - mu_p)^2) / sigma_p^2 - 1)."""
+    return 0.5 * (logvar_p - logvar + (logvar.exp() + (mu - mu_p).square()) / logvar_p.exp() - 1.0).sum(-1)
+
+
+class StandardPrior(nn.Module):
+    deterministic = False
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Closed form: sum_j -ln sigma_j + (sigma_j^2 + mu_j^2) / 2 - 1/2."""
+        return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(-1)
+
+    def sample(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.randn(n, self.latent_dim, device=device)
+
+
+class NoPrior(StandardPrior):
+    """A plain autoencoder: a deterministic encoder (z = mu), no KL term; samples are N(0, I) draws."""
+
+    deterministic = True
+
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(mu.shape[0], device=mu.device)
+
+
+class MixturePrior(nn.Module):
+    """A mixture of ``components`` diagonal Gaussians with learnable means, log-variances and
+    weights (softmax of ``logits``). The means start spread out as N(0, I) draws, the
+    variances at 1 and the weights equal."""
+
+    deterministic = False
+
+    def __init__(self, latent_dim: int, components: int = 10, kl: str = "tight"):
+        super().__init__()
+        if kl not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {kl!r}; allowed: {', '.join(KL_ESTIMATORS)}")
+        self.latent_dim, self.components, self.estimator = latent_dim, components, kl
+        self.means = nn.Parameter(torch.randn(components, latent_dim))
+        self.logvars = nn.Parameter(torch.zeros(components, latent_dim))
+        self.logits = nn.Parameter(torch.zeros(components))
+
+    def log_weights(self) -> torch.Tensor:
+        return torch.log_softmax(self.logits, dim=0)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """ln sum_m pi_m N(z; mu_m, sigma_m^2), by log-sum-exp over the components."""
+        per_component = gaussian_log_prob(z.unsqueeze(-2), self.means, self.logvars)  # (..., M)
+        return torch.logsumexp(per_component + self.log_weights(), dim=-1)
+
+    def component_kls(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """(B, M): KL(q || p_m) for each image and component."""
+        return gaussian_kl(mu.unsqueeze(1), logvar.unsqueeze(1), self.means, self.logvars)
+
+    def kl_bound(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        m = self.components
+        assignment = -(math.log(m) + self.log_weights()).mean()  # sum_m (1/M) ln(1 / (M pi_m))
+        return assignment + self.component_kls(mu, logvar).mean(1)
+
+    def kl_tight(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        return -torch.logsumexp(self.log_weights() - self.component_kls(mu, logvar), dim=1)
+
+    def kl_mc(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return gaussian_log_prob(z, mu, logvar) - self.log_prob(z)
+
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.estimator == "bound":
+            return self.kl_bound(mu, logvar)
+        if self.estimator == "tight":
+            return self.kl_tight(mu, logvar)
+        return self.kl_mc(mu, logvar, z)
+
+    def sample(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        which = torch.multinomial(self.log_weights().exp(), n, replacement=True)
+        noise = torch.randn(n, self.latent_dim, device=self.means.device)
+        return (self.means[which] + noise * (0.5 * self.logvars[which]).exp()).detach()
+
+
+def build(prior: dict, latent_dim: int) -> nn.Module:
+    """The prior named ``prior["name"]`` (its config group, ``conf/prior/``)."""
+    name = prior.get("name", "standard")
+    if name == "standard":
+        return StandardPrior(latent_dim)
+    if name == "none":
+        return NoPrior(latent_dim)
+    if name == "gmm":
+        return MixturePrior(latent_dim, prior.get("components", 10), prior.get("kl", "tight"))
+    raise ValueError(f"unknown prior {name!r}; allowed: {', '.join(PRIORS)}")
