@@ -101,6 +101,14 @@ def store(tmp_path: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
 
 
+def prepared_store(tmp_path: Path) -> MlflowClient:
+    """The tmp store, created (as a sweep's callback does) before a job that the test will
+    poll starts: two processes must not create one new SQLite store at once."""
+    from vae_sweeps.tracking import open_store
+
+    return open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")[0]
+
+
 def all_runs(tmp_path: Path) -> list:
     """Every run in the tmp store, of every experiment; [] if no store was created."""
     if not (tmp_path / "mlruns" / "mlflow.db").exists():

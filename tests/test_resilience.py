@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 import pytorch_lightning as pl
-from conftest import CONF_DIR, ROOT, all_runs, compose_tiny, run_cli, store, tiny_overrides
+from conftest import CONF_DIR, ROOT, all_runs, compose_tiny, prepared_store, run_cli, store, tiny_overrides
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
@@ -55,8 +55,8 @@ def test_an_interrupted_run_is_killed_then_resumed_to_the_full_epoch_count(tmp_p
     args = ("trainer.max_epochs=30", *SMALL)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     command = [sys.executable, "-m", "vae_sweeps", *tiny_overrides(tmp_path, tiny_root), *args]
+    client = prepared_store(tmp_path)
     job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    client = store(tmp_path)
 
     def three_epochs_done():
         runs = all_runs(tmp_path)
@@ -252,6 +252,25 @@ def test_no_secret_or_environment_value_becomes_a_param(make_cfg, tmp_path, tiny
     assert not any(k.startswith(("tracking", "paths")) or k in ("data.root", "force") for k in params)
     text = tracking.config_yaml(cfg)
     assert "s3cret" not in text and "postgresql://alice:***@db.example/mlflow" in text
+
+
+def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
+    # Each process imports mlflow, says it is ready, then waits for one common "go".
+    go = tmp_path / "go"
+    code = ("import os, sys, time; from pathlib import Path; from vae_sweeps.tracking import open_store; "
+            "Path(sys.argv[1]).touch()\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+            f"print(open_store('sqlite:///{tmp_path}/mlruns/mlflow.db', 'vae_sweeps')[1])")
+    ready = [tmp_path / f"ready{i}" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(flag)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for flag in ready]
+    deadline = time.time() + 120
+    while not all(flag.exists() for flag in ready) and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in outputs]
+    assert len({out.strip() for out, _ in outputs}) == 1  # one experiment, the same id for all
 
 
 def test_retrying_client_repeats_only_locked_writes():

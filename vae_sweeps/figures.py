@@ -164,7 +164,9 @@ def latent_scatter(means: np.ndarray, labels: np.ndarray, classes: tuple[str, ..
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} (latent dim {means.shape[1]})", fontsize=10)
-    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), markerscale=4, fontsize=8, frameon=False)
+    legend = ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    for handle in legend.legend_handles:  # one readable marker size for classes and components
+        handle.set_sizes([24])
     _caption(fig, caption)
     return fig
 

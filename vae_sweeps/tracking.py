@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -83,6 +84,23 @@ class RetryingClient:
         return call
 
 
+@contextmanager
+def exclusive(path: Path | None):
+    """Hold an exclusive lock on ``path`` (POSIX; nothing elsewhere or for None): two
+    processes creating one new SQLite store at once would crash in its schema migration."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """A client of the store at ``uri`` and the id of ``experiment``, both created if new.
 
@@ -94,8 +112,9 @@ def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (db.parent / "artifacts").as_uri()
-    client = RetryingClient(MlflowClient(tracking_uri=uri))
-    found = client.get_experiment_by_name(experiment)
+    with exclusive(db.with_name(db.name + ".lock") if db is not None else None):
+        client = RetryingClient(MlflowClient(tracking_uri=uri))
+        found = client.get_experiment_by_name(experiment)  # creates and migrates a new store
     if found is None:
         try:
             return client, client.create_experiment(experiment, artifact_location=artifact_location)

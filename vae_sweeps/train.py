@@ -14,8 +14,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from pytorch_lightning.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Checkpoint
 
 from vae_sweeps import evaluation, figures, tracking
 from vae_sweeps.config import validate

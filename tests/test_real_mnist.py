@@ -1,0 +1,70 @@
+"""The whole path on the real MNIST files, with short budgets: a sweep with a failing job, an
+interrupted and resumed run, a re-run that skips finished work. Skipped where the files are
+not at $VAE_SWEEPS_DATA_DIR (else ../shared/datasets)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import all_runs, prepared_store
+
+DATA = Path(os.environ.get("VAE_SWEEPS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+pytestmark = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {DATA}")
+
+# Short budgets: a small model, 10 training batches an epoch, 2 importance samples.
+SHORT = ["model=mlp2", "model.hidden=[64]", "+trainer.limit_train_batches=10", "+trainer.limit_val_batches=2",
+         "eval.iw_samples=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def command(tmp_path: Path, *args: str, flags=()) -> list[str]:
+    return [sys.executable, "-m", "vae_sweeps", *flags, f"data.root={DATA}", "data.download=false",
+            f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db", *SHORT, *args]
+
+
+def run(tmp_path: Path, *args: str, flags=()) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(command(tmp_path, *args, flags=flags), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_sweep_with_a_failing_job_then_a_rerun_that_skips(tmp_path):
+    done = run(tmp_path, "loss.c=1,1e38", "trainer.max_epochs=2", flags=("-m",))
+    assert done.returncode == 1
+    assert "error: 1 of 2 job(s) failed:" in done.stderr and "NonFiniteLoss" in done.stderr
+    runs = {r.data.params["loss.c"]: r for r in all_runs(tmp_path)}
+    assert {c: r.info.status for c, r in runs.items()} == {"1.0": "FINISHED", "1e+38": "FAILED"}
+    finished = runs["1.0"]
+    assert finished.data.params["data.name"] == "mnist"
+    assert finished.data.metrics["test/loss"] < 600 and 0 < finished.data.metrics["test/knn_accuracy"] <= 1
+    again = run(tmp_path, "loss.c=1,1e38", "trainer.max_epochs=2", flags=("-m",))
+    assert "Skipping 1 of 2 job(s) that already have a FINISHED run" in again.stdout
+    assert again.returncode == 1  # the failing job ran again, and failed again
+    assert len(all_runs(tmp_path)) == 3
+
+
+def test_sigterm_then_resume_on_the_real_data(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    client = prepared_store(tmp_path)
+    job = subprocess.Popen(command(tmp_path, "trainer.max_epochs=50"), cwd=tmp_path, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        runs = all_runs(tmp_path)
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 2:
+            break
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=300)
+    (run_,) = all_runs(tmp_path)
+    assert run_.info.status == "KILLED", err[-2000:]
+    epochs = int(run_.data.tags["resume_from_epoch"])
+    assert 2 <= epochs < 50
+    done = run(tmp_path, "trainer.max_epochs=50")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (resumed,) = all_runs(tmp_path)
+    assert resumed.info.run_id == run_.info.run_id and resumed.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")] == list(range(1, 51))
