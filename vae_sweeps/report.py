@@ -5,7 +5,8 @@ last metrics. Only FINISHED runs count. Runs whose result settings differ only i
 group, and where a seed ran twice the latest run is kept. Each table cell is the group that
 matches the table's fixed settings and the row's value; when several match (a quick and a full
 budget, say) the one with the most epochs wins, then the most seeds, then the newest. A cell
-reports mean +- std over the group's seeds. The tables and figures are defined in
+reports mean +- std over the group's seeds. A run logged before a setting existed counts as
+having that setting's current default. The tables and figures are defined in
 ``experiments/tables.yaml``.
 
     python -m vae_sweeps.report [--out reports] [--tracking-uri URI] [--experiment NAME]
