@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import all_runs, prepared_store
+from conftest import all_runs, prepared_store, slowed_cli
 
 DATA = Path(os.environ.get("VAE_SWEEPS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 pytestmark = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {DATA}")
@@ -20,8 +20,8 @@ SHORT = ["model=mlp2", "model.hidden=[64]", "+trainer.limit_train_batches=10", "
          "eval.iw_samples=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
-def command(tmp_path: Path, *args: str, flags=()) -> list[str]:
-    return [sys.executable, "-m", "vae_sweeps", *flags, f"data.root={DATA}", "data.download=false",
+def command(tmp_path: Path, *args: str, flags=(), cli=(sys.executable, "-m", "vae_sweeps")) -> list[str]:
+    return [*cli, *flags, f"data.root={DATA}", "data.download=false",
             f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db", *SHORT, *args]
 
 
@@ -49,7 +49,8 @@ def test_a_sweep_with_a_failing_job_then_a_rerun_that_skips(tmp_path):
 def test_sigterm_then_resume_on_the_real_data(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     client = prepared_store(tmp_path)
-    job = subprocess.Popen(command(tmp_path, "trainer.max_epochs=50"), cwd=tmp_path, env=env,
+    slow = command(tmp_path, "trainer.max_epochs=20", cli=slowed_cli(0.3))
+    job = subprocess.Popen(slow, cwd=tmp_path, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -62,9 +63,9 @@ def test_sigterm_then_resume_on_the_real_data(tmp_path):
     (run_,) = all_runs(tmp_path)
     assert run_.info.status == "KILLED", err[-2000:]
     epochs = int(run_.data.tags["resume_from_epoch"])
-    assert 2 <= epochs < 50
-    done = run(tmp_path, "trainer.max_epochs=50")
+    assert 2 <= epochs < 20
+    done = run(tmp_path, "trainer.max_epochs=20")
     assert done.returncode == 0, done.stderr[-2000:]
     (resumed,) = all_runs(tmp_path)
     assert resumed.info.run_id == run_.info.run_id and resumed.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")] == list(range(1, 51))
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")] == list(range(1, 21))
