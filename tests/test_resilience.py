@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -302,3 +303,27 @@ def test_retrying_client_repeats_only_locked_writes():
     with pytest.raises(RuntimeError, match="database is locked"):
         always_locked.log_batch("run")
     assert len(calls) == 2
+
+
+def test_every_run_reads_every_page_and_passes_the_filter():
+    class Page(list):
+        def __init__(self, runs, token):
+            super().__init__(runs)
+            self.token = token
+
+    class Paged:
+        def __init__(self):
+            self.calls = []
+
+        def get_experiment_by_name(self, name):
+            return SimpleNamespace(experiment_id="7") if name == "vae_sweeps" else None
+
+        def search_runs(self, ids, filter_string, max_results, page_token):
+            self.calls.append((ids, filter_string, page_token))
+            return Page(["a", "b"], "next") if page_token is None else Page(["c"], None)
+
+    client = Paged()
+    assert list(tracking.every_run(client, "vae_sweeps", "attributes.status = 'FINISHED'")) == ["a", "b", "c"]
+    assert client.calls == [(["7"], "attributes.status = 'FINISHED'", None),
+                            (["7"], "attributes.status = 'FINISHED'", "next")]
+    assert list(tracking.every_run(client, "no such experiment")) == []

@@ -65,18 +65,10 @@ def _numbers(column: pd.Series) -> pd.Series:
 
 def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
     """One row per run of ``experiment``: RECORD columns, params (numbers parsed), metrics.<key>."""
-    found = client.get_experiment_by_name(experiment)
-    records, token = [], None
-    while found is not None:
-        page = client.search_runs([found.experiment_id], max_results=1000, page_token=token)
-        for run in page:
-            records.append({"run_id": run.info.run_id, "status": run.info.status,
-                            "start_time": run.info.start_time, "sweep_id": run.data.tags.get("sweep_id"),
-                            **run.data.params,
-                            **{f"metrics.{k}": v for k, v in run.data.metrics.items()}})
-        token = page.token
-        if not token:
-            break
+    records = [{"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
+                "sweep_id": run.data.tags.get("sweep_id"), **run.data.params,
+                **{f"metrics.{k}": v for k, v in run.data.metrics.items()}}
+               for run in tracking.every_run(client, experiment)]
     runs = pd.DataFrame.from_records(records, columns=list(RECORD) if not records else None)
     for key, value in default_params().items():  # a run made before a setting existed ran with its default
         runs[key] = runs[key].fillna(value) if key in runs else value

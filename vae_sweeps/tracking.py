@@ -211,22 +211,28 @@ def close_dead_runs(client: MlflowClient, experiment_id: str, digest: str) -> No
         log.warning("Run %s was left RUNNING by a process that is gone; marked FAILED", run.info.run_id)
 
 
+def every_run(client: MlflowClient, experiment: str, filter_string: str = ""):
+    """Every run of the experiment named ``experiment`` that matches ``filter_string``, page
+    by page (none if there is no such experiment)."""
+    found = client.get_experiment_by_name(experiment)
+    token = None
+    while found is not None:
+        page = client.search_runs([found.experiment_id], filter_string=filter_string, max_results=1000,
+                                  page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            break
+
+
 def finished_hashes(uri: str, experiment: str) -> set[str]:
     """The config hashes of every FINISHED run of ``experiment`` (creates no store)."""
     db = sqlite_path(uri)
     if db is not None and not db.exists():
         return set()
     client = RetryingClient(MlflowClient(tracking_uri=uri))
-    found = client.get_experiment_by_name(experiment)
-    hashes, token = set(), None
-    while found is not None:
-        page = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                                  max_results=1000, page_token=token)
-        hashes |= {run.data.tags["config_hash"] for run in page if "config_hash" in run.data.tags}
-        token = page.token
-        if not token:
-            break
-    return hashes
+    runs = every_run(client, experiment, "attributes.status = 'FINISHED'")
+    return {run.data.tags["config_hash"] for run in runs if "config_hash" in run.data.tags}
 
 
 def new_sweep_id() -> str:
