@@ -30,11 +30,6 @@ from vae_sweeps.priors import MixturePrior, gaussian_log_prob
 
 
 @torch.no_grad()
-def encode_means(vae, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    return torch.cat([vae.encode(x)[0] for x in images.split(batch)])
-
-
-@torch.no_grad()
 def log_weights(vae, x: torch.Tensor, k: int) -> torch.Tensor:
     """(k, B): log p(x|z) + log p(z) - log q(z|x) for k draws z ~ q(z|x) per image."""
     mu, logvar = vae.encode(x)
@@ -89,12 +84,12 @@ def evaluate(vae, splits: dict, iw_samples: int, knn_k: int, batch: int = 1000) 
     vae.eval()
     test_x, test_y = splits["test"]
     train_x, train_y = splits["train"]
-    test_means = encode_means(vae, test_x, batch)
+    test_means = vae.encode_means(test_x, batch)
     logits = torch.cat([vae.decode(mu) for mu in test_means.split(batch)])
     metrics = {f"test/recon_{name}": loss(logits, test_x).mean().item() for name, loss in RECON_LOSSES.items()}
     metrics["test/sharpness"] = (mean_gradient(torch.sigmoid(logits)) / mean_gradient(test_x)).item()
     metrics["test/active_units"] = float(active_units(test_means))
-    metrics["test/knn_accuracy"] = knn_accuracy(encode_means(vae, train_x, batch), train_y, test_means, test_y, knn_k)
+    metrics["test/knn_accuracy"] = knn_accuracy(vae.encode_means(train_x, batch), train_y, test_means, test_y, knn_k)
     if not vae.prior.deterministic:
         metrics["test/elbo"], metrics["test/log_px"] = elbo_and_log_px(vae, test_x, iw_samples)
     if isinstance(vae.prior, MixturePrior):

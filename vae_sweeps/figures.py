@@ -213,7 +213,7 @@ def run_figures(vae, test_images: torch.Tensor, test_labels: torch.Tensor, class
         return torch.sigmoid(vae.decode(z.to(device)))
 
     x = test_images[fixed_test_indices(test_labels)]
-    means = torch.cat([vae.encode(batch)[0] for batch in test_images.split(1000)]).cpu().numpy()
+    means = vae.encode_means(test_images).cpu().numpy()
     components = vae.prior.means.detach().cpu().numpy() if hasattr(vae.prior, "means") else None
     figs = {
         "reconstructions": reconstructions(x, vae.reconstruct(x), caption),

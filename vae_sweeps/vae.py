@@ -56,6 +56,11 @@ class VAE(nn.Module):
         return torch.sigmoid(self.decode(self.prior.sample(n, device)))
 
     @torch.no_grad()
+    def encode_means(self, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+        """The posterior means of ``images``, encoded ``batch`` at a time."""
+        return torch.cat([self.encode(x)[0] for x in images.split(batch)])
+
+    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Images decoded from the posterior means."""
         return torch.sigmoid(self.decode(self.encode(x)[0]))
