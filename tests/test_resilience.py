@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from types import SimpleNamespace
@@ -145,6 +146,26 @@ def test_a_run_left_running_by_a_dead_process_is_closed(make_cfg, tmp_path):
     assert "ended without closing the run" in client.get_run(orphan).data.tags["error"]
     assert client.get_run(elsewhere).info.status == "RUNNING"  # may be alive on its machine
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
+
+
+def test_a_job_failing_outside_the_main_thread_ends_failed_with_its_reason(make_cfg, tmp_path):
+    # Signal handlers belong to the main thread; a job run in another (a thread-based
+    # launcher) must still close its run, and raise its own error.
+    cfg = make_cfg("trainer.max_epochs=1", "loss.c=1e38", *SMALL)
+    errors = []
+
+    def job():
+        try:
+            train(cfg)
+        except BaseException as err:
+            errors.append(err)
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    worker.join(timeout=120)
+    assert [type(err).__name__ for err in errors] == ["NonFiniteLoss"]
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("NonFiniteLoss")
 
 
 def test_a_sweep_run_twice_trains_nothing_the_second_time(tmp_path, tiny_root):

@@ -108,9 +108,11 @@ class EpochEnd(Checkpoint):
 @contextmanager
 def sigterm_as_interrupt():
     """Handle SIGTERM (a scheduler or ``kill`` stopping the job) like Ctrl-C, so that the run
-    ends KILLED with its checkpoint saved instead of dying mid-write."""
+    ends KILLED with its checkpoint saved instead of dying mid-write. Yields ``shield``,
+    which ignores SIGTERM from then on, for a clean-up that must finish. Signals belong to
+    the main thread: elsewhere both do nothing."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
 
     def interrupt(signum, frame):
@@ -118,7 +120,7 @@ def sigterm_as_interrupt():
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
+        yield lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -188,7 +190,7 @@ def train(cfg: DictConfig) -> dict:
     log.info("MLflow run %s (%s)", run_id, tracking.run_name(cfg))
     epoch_end = EpochEnd(checkpoint, client, run_id, epochs=done)
     trainer = None
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt() as shield:
         try:
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim),
@@ -201,7 +203,7 @@ def train(cfg: DictConfig) -> dict:
             client.log_artifact(run_id, str(checkpoint), "checkpoints")
             log_figures(client, run_id, module, datamodule, caption(cfg, run_id))
         except BaseException as err:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+            shield()  # let the clean-up finish
             interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
             if interrupted and epoch_end.saved:
                 if trainer is not None:
