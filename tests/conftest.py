@@ -135,12 +135,18 @@ def slowed_cli(seconds_per_epoch: float) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def job_env() -> dict[str, str]:
+    """The environment of a job the test starts: this one, unbuffered, without
+    MLFLOW_TRACKING_URI (the job's own ``tracking.uri`` names the tmp store)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def run_cli(tmp_path: Path, tiny_root: Path, *args: str, flags: tuple[str, ...] = (),
             timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m vae_sweeps <flags> <tiny overrides> <args>`` in tmp_path (outputs/ go there)."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONUNBUFFERED"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "vae_sweeps", *flags, *tiny_overrides(tmp_path, tiny_root), *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=timeout,
     )

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import all_runs, prepared_store, slowed_cli
+from conftest import all_runs, job_env, prepared_store, slowed_cli
 
 DATA = Path(os.environ.get("VAE_SWEEPS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 pytestmark = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {DATA}")
@@ -26,8 +26,7 @@ def command(tmp_path: Path, *args: str, flags=(), cli=(sys.executable, "-m", "va
 
 
 def run(tmp_path: Path, *args: str, flags=()) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run(command(tmp_path, *args, flags=flags), cwd=tmp_path, env=env,
+    return subprocess.run(command(tmp_path, *args, flags=flags), cwd=tmp_path, env=job_env(),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -47,10 +46,9 @@ def test_a_sweep_with_a_failing_job_then_a_rerun_that_skips(tmp_path):
 
 
 def test_sigterm_then_resume_on_the_real_data(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     client = prepared_store(tmp_path)
     slow = command(tmp_path, "trainer.max_epochs=20", cli=slowed_cli(0.3))
-    job = subprocess.Popen(slow, cwd=tmp_path, env=env,
+    job = subprocess.Popen(slow, cwd=tmp_path, env=job_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
-from conftest import (CONF_DIR, ROOT, all_runs, compose_tiny, prepared_store, run_cli, slowed_cli, store,
-                      tiny_overrides)
+from conftest import (CONF_DIR, ROOT, all_runs, compose_tiny, job_env, prepared_store, run_cli, slowed_cli,
+                      store, tiny_overrides)
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
@@ -56,12 +56,11 @@ def test_a_sweep_survives_a_job_whose_loss_turns_infinite(tmp_path, tiny_root):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_an_interrupted_run_is_killed_then_resumed_to_the_full_epoch_count(tmp_path, tiny_root, sig):
     args = ("trainer.max_epochs=30", *SMALL)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     command = [*slowed_cli(0.3), *tiny_overrides(tmp_path, tiny_root), *args]
     client = prepared_store(tmp_path)
     # A background job of a non-interactive shell (as CI may be) inherits SIGINT ignored;
     # the job gets the default action back, as it has in a terminal.
-    job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    job = subprocess.Popen(command, cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def three_epochs_done():
