@@ -2,11 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
-# The CPU build of torch; set TORCH="torch" (or a CUDA build) on a GPU machine.
-TORCH ?= torch==2.13.0
+# torch and torchvision, pinned together (the published results name this pair). On these
+# machines 2.14.1 is a CUDA build that also runs on the CPU; on a GPU machine it uses the GPU.
+# Another matching pair works too, e.g. TORCH="torch==2.9.1 torchvision==0.24.1".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 # The MLflow server of `make server` / `make ui`: loopback only unless HOST says otherwise;
-# BACKEND may be a PostgreSQL URI (postgresql://user:password@host/db) as well.
+# BACKEND may be a PostgreSQL URI (postgresql+psycopg://user:password@host/db; psycopg 3 comes with
+# the `server` extra that make install installs) as well; scripts/postgres-local.sh tries one.
 BACKEND ?= sqlite:///mlruns/mlflow.db
 ARTIFACTS ?= mlruns/artifacts
 HOST ?= 127.0.0.1
@@ -17,22 +20,22 @@ BENCH_ARGS ?= --cnn-variants --sweep
 SERVER_ARGS ?=
 # The parts of the study (conf/experiment/), and what study-quick changes: 1 seed, 4 epochs,
 # 10 importance samples for log p(x) instead of 50.
-STUDY ?= table1 table2 table3 c_sweep fashion
+STUDY ?= table1 table2 table3 c_sweep fashion priors
 QUICK ?= seed=0 trainer.max_epochs=4 eval.iw_samples=10
 # Every part in turn; a part with failed jobs does not stop the others, but fails the target.
 run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep study study-quick report test bench server ui clean
+.PHONY: help install train sweep study study-quick report evaluate results test bench server ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install: ## Create .venv and install torch, the project (editable) and the test tools
+install: ## Create .venv and install torch, the project (editable), the test tools and the PostgreSQL driver
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -e ".[dev,server]"
 
 train: ## Train the default job (mlp3, bce, latent 2, c=1, MNIST); ARGS="model=cnn ..." to change it
 	$(PY) -m vae_sweeps $(ARGS)
@@ -46,8 +49,14 @@ study: ## Run every part of the study: 3 seeds, 30 epochs (hours on a CPU)
 study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (<20 min on 2 CPU cores)
 	@$(call run_study,$(QUICK) $(ARGS))
 
-report: ## Rebuild the study's tables and figures from MLflow into reports/ (no training)
+report: ## Rebuild the study's tables, claims and figures from MLflow into reports/ (no training)
 	$(PY) -m vae_sweeps.report
+
+evaluate: ## Fill in the end-of-run evaluation that older runs lack (the judge's metrics); no training
+	$(PY) -m vae_sweeps.evaluate $(ARGS)
+
+results: evaluate ## Publish: back-fill, then rebuild the report into results/ (the folder that is committed)
+	$(PY) -m vae_sweeps.report --out results
 
 test: ## Run the test suite
 	$(PY) -m pytest
@@ -58,7 +67,9 @@ bench: ## Training speed against a plain PyTorch loop, memory, CNN variants, swe
 server: ## MLflow tracking server with served artifacts, http://127.0.0.1:5000 (HOST, PORT, BACKEND)
 	$(PY) -m mlflow server --backend-store-uri $(BACKEND) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)
 
-ui: server ## Browse the runs in the MLflow UI (the same server as make server)
+ui: ## Browse the runs in the MLflow UI (the same server as make server); open the link it prints
+	@echo "Runs: http://$(HOST):$(PORT)/#/experiments/1/runs?workflowType=machine_learning (MLflow 3's 'Model training' view)"
+	@$(MAKE) --no-print-directory server
 
 clean: ## Remove outputs/ (logs, local checkpoints) and caches; keeps mlruns/ and data/
 	rm -rf outputs multirun .pytest_cache

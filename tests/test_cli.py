@@ -1,11 +1,19 @@
 """The command line: bad input is refused before training, and a multirun tracks every job."""
 
+import http.server
+import os
 import re
+import shutil
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
 
 import pytest
-from conftest import all_runs, run_cli, store
+from conftest import all_runs, job_env, run_cli, store, tiny_overrides
 
-from vae_sweeps.errors import ConfigError
+from vae_sweeps.errors import ConfigError, UserError
+from vae_sweeps.tracking import check_reachable
 from vae_sweeps.train import train
 
 BAD_INPUT = [  # (overrides, what the message must say)
@@ -30,6 +38,15 @@ BAD_INPUT = [  # (overrides, what the message must say)
     (["trainer.max_epochs=0"], "trainer.max_epochs=0 is not allowed: it must be a positive integer"),
     (["optim.lr=-0.1"], "optim.lr=-0.1 is not allowed: it must be a finite number > 0"),
     (["seed=-1"], "seed=-1 is not allowed: it must be an integer >= 0"),
+    (["eval.knn_k=100000"], "eval.knn_k=100000 is not allowed: it must be at most the number of training images, "
+                            "59984 (60000 less data.val_size=16)"),
+    (["model.latent_dim=1000000000"], "model.latent_dim=1000000000 with model.hidden=[1024, 512] is not allowed: this "
+                                      "mlp3 would have 1,538,002,658,064 parameters, more than 1,000,000,000"),
+    (["tracking.uri=ftp://x/y"], "tracking.uri='ftp://x/y' is not allowed: it must be a SQLite database"),
+    (["tracking.uri=http://user:secretpw@127.0.0.1:9"], "tracking.uri holds a password in its URI, which would be "
+                                                        "saved under outputs/ and printed by MLflow. Give it without "
+                                                        "credentials (tracking.uri=http://127.0.0.1:9)"),
+    (["tracking.experiment=''"], "tracking.experiment='' is not allowed: it must be a non-empty name"),
 ]
 
 
@@ -62,6 +79,38 @@ def test_a_data_root_that_is_a_file(make_cfg, tmp_path):
     assert all_runs(tmp_path) == []
 
 
+@contextmanager
+def read_only(path):
+    """``path`` unwritable for this user; for root, whom permission bits do not stop, through
+    the immutable attribute (as on a read-only mount)."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(mode & ~0o222)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i does not work here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("part", ["database", "folder"])
+def test_a_read_only_store_is_refused_before_a_run_starts(make_cfg, tmp_path, tracked_run, part):
+    db = tmp_path / "mlruns" / "mlflow.db"
+    locked = db if part == "database" else db.parent
+    with read_only(locked), pytest.raises(UserError) as err:
+        train(make_cfg())
+    message = str(err.value)
+    assert f"The MLflow store {db} is read-only: this user cannot write {locked}" in message
+    assert "tracking.uri=" in message and "\n" not in message
+    assert [(r.info.run_id, r.info.status) for r in all_runs(tmp_path)] == [(tracked_run, "FINISHED")]
+
+
 def test_cli_prints_one_paragraph_and_exits_2(tmp_path, tiny_root):
     done = run_cli(tmp_path, tiny_root, "loss.c=-1")
     assert done.returncode == 2
@@ -79,6 +128,62 @@ def test_cli_missing_data_says_where_it_looked(tmp_path, tiny_root):
     assert f"are missing from {empty}/FashionMNIST/raw" in done.stderr
     assert "VAE_SWEEPS_DATA_DIR" in done.stderr and "Traceback" not in done.stderr
     assert all_runs(tmp_path) == []
+
+
+def test_cli_a_gzip_file_damaged_near_its_start_is_one_paragraph(tmp_path, tiny_root):
+    raw = tmp_path / "datasets" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (tiny_root / "MNIST" / "raw").glob("*.gz"):
+        shutil.copy(gz, raw)
+    damaged = raw / "train-images-idx3-ubyte.gz"
+    packed = damaged.read_bytes()
+    damaged.write_bytes(packed[:30] + bytes(len(packed) - 30))  # zeros from byte 30 on
+    done = run_cli(tmp_path, tiny_root, f"data.root={tmp_path / 'datasets'}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {damaged} is a damaged gzip file")
+    assert "Traceback" not in done.stderr + done.stdout
+    assert all_runs(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags", [(), ("-m",)], ids=["run", "sweep"])
+def test_cli_an_unreachable_tracking_server_is_one_paragraph(tmp_path, tiny_root, flags):
+    done = run_cli(tmp_path, tiny_root, "tracking.uri=http://127.0.0.1:9", flags=flags, timeout=120)  # nothing listens
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: The MLflow tracking server at http://127.0.0.1:9 does not answer")
+    assert "make server" in last and "sqlite:///mlruns/mlflow.db" in last
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_any_answer_from_a_tracking_server_counts():
+    """A server that answers /health with an error (an auth proxy, an older server) is there:
+    MLflow's own requests say what is wrong with it."""
+    class Unsupported(http.server.BaseHTTPRequestHandler):  # answers 501 to every request
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unsupported)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_reachable(f"http://127.0.0.1:{server.server_address[1]}/prefix")
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("where", ["override", "environment"])
+def test_cli_refuses_a_password_in_the_tracking_uri_and_shows_it_nowhere(tmp_path, tiny_root, where):
+    uri = "http://user:secretpw@127.0.0.1:9"
+    env = job_env()
+    args = [sys.executable, "-m", "vae_sweeps", *tiny_overrides(tmp_path, tiny_root)]
+    if where == "override":
+        args.append(f"tracking.uri={uri}")
+    else:
+        env["MLFLOW_TRACKING_URI"] = uri
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in done.stderr
+    assert "secretpw" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert [path for path in tmp_path.rglob("*") if path.is_file() and b"secretpw" in path.read_bytes()] == []
 
 
 def test_cli_unknown_config_group_option_lists_the_allowed_ones(tmp_path, tiny_root):

@@ -12,12 +12,25 @@ from pathlib import Path
 import pytest
 from conftest import all_runs, job_env, prepared_store, slowed_cli
 
+from vae_sweeps import evaluate, judge
+from vae_sweeps.data import load_arrays, to_tensors
+
 DATA = Path(os.environ.get("VAE_SWEEPS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 pytestmark = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {DATA}")
 
 # Short budgets: a small model, 10 training batches an epoch, 2 importance samples.
 SHORT = ["model=mlp2", "model.hidden=[64]", "+trainer.limit_train_batches=10", "+trainer.limit_val_batches=2",
          "eval.iw_samples=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(autouse=True)
+def tiny_judge(tmp_path):
+    """A judge trained on 1,000 real images (seconds), stored where the runs look for theirs:
+    the real judge (60,000 images, 5 epochs, minutes) is not trained in the tests."""
+    x, y = to_tensors(*load_arrays("mnist", DATA, download_missing=False)["train"])
+    splits = {"train": (x[:800], y[:800]), "val": (x[800:1000], y[800:1000]), "test": (x[1000:1200], y[1000:1200])}
+    client, experiment = evaluate.judges_experiment(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    judge.load_or_train(client, experiment, "mnist", splits, epochs=5)  # eval.judge_epochs' default
 
 
 def command(tmp_path: Path, *args: str, flags=(), cli=(sys.executable, "-m", "vae_sweeps")) -> list[str]:

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import compose_tiny, png_size, store
 from matplotlib.image import imread
 from mlflow.entities import Metric, Param
@@ -106,7 +107,8 @@ def test_the_csv_carries_the_run_ids(report):
 
 def test_failed_older_and_smaller_budget_runs_are_not_counted(report):
     _, _, fakes, out = report
-    every_id = " ".join(pd.concat([pd.read_csv(p)["run_ids"].dropna() for p in out.glob("*.csv")]))
+    tables = [p for p in out.glob("*.csv") if p.name not in ("claims.csv", "runs.csv")]
+    every_id = " ".join(pd.concat([pd.read_csv(p)["run_ids"].dropna() for p in tables]))
     assert not any(fake in every_id for fake in fakes.values())
     assert "1 run(s) that did not finish" in (out / "report.md").read_text()
 
@@ -163,3 +165,29 @@ def test_report_command_reads_the_store_from_the_environment(report, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"Wrote {tmp_path / 'r' / 'report.md'}: 9 tables" in done.stdout
     assert (tmp_path / "r" / "table1.csv").read_text() == (out / "table1.csv").read_text()
+
+
+def test_the_report_checks_the_studys_claims(report):
+    built, results, _, out = report
+    text = (out / "report.md").read_text()
+    assert "## The study's claims, checked" in text
+    by_id = {spec["id"]: verdict for spec, verdict in built["claims"]}
+    assert by_id["1"].verdict == "inconclusive" and by_id["1"].missing == ["table1"]  # no mlp2 run
+    assert "**1. 2 -> 3 MLP layers lowers the loss clearly.** — **inconclusive**" in text
+    assert "`python -m vae_sweeps experiment=table1`" in text
+    # claim 7 reads the two seeds of mlp3 at latent dim 2 (a t interval over them)
+    knn = [r["test/knn_accuracy"] for r in results[:2]]
+    assert f"{np.mean(knn):.4g}" in by_id["7"].evidence and "n = 2" in by_id["7"].evidence
+    assert pd.read_csv(out / "claims.csv")["id"].astype(str).tolist()[:3] == ["1", "2", "3"]
+
+
+def test_every_counted_run_is_one_row_of_runs_csv_with_its_provenance(report):
+    built, results, fakes, out = report
+    table = pd.read_csv(out / "runs.csv")
+    # every FINISHED run, the latest of each seed of each configuration (the 1-epoch one too)
+    assert sorted(table["run_id"]) == sorted([r["run_id"] for r in results] + [fakes["short"]])
+    row = table.set_index("run_id").loc[results[0]["run_id"]]
+    assert row["model.name"] == "mlp3" and row["test/loss"] == pytest.approx(results[0]["test/loss"])
+    assert row["torch_version"] == torch.__version__ and row["cpu_count"] == os.cpu_count()
+    text = (out / "report.md").read_text()
+    assert f"torch `{torch.__version__}`" in text and "hours of training and evaluation" in text

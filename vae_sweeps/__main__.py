@@ -1,13 +1,19 @@
 """``python -m vae_sweeps [overrides]`` trains one VAE; ``-m`` sweeps (Hydra multirun)."""
 
+import os
+import signal
 import sys
+import uuid
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vae_sweeps.errors import UserError
+from vae_sweeps import devices
+from vae_sweeps.errors import UserError, refuse_password
+
+devices.register_resolver()  # ${jobs_at_once:...} of hydra/launcher=joblib_gpu, before Hydra composes
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -22,12 +28,35 @@ def main(cfg: DictConfig) -> float:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if result.get("skipped"):
-        print("Skipped: this configuration already has a FINISHED run (force=true trains it again).")
-    print(f"test/recon {result['test/recon']:.2f}  test/kl {result['test/kl']:.2f}  "
-          f"test/loss {result['test/loss']:.2f}  (per image)")
+        print(f"Skipped: {result['skipped']}.")
+    if "test/loss" in result:  # not for a run that is still training
+        print(f"test/recon {result['test/recon']:.2f}  test/kl {result['test/kl']:.2f}  "
+              f"test/loss {result['test/loss']:.2f}  (per image)")
     print(f"MLflow run id: {result['run_id']}")
-    return result["test/loss"]
+    return result.get("test/loss", float("nan"))
+
+
+def refuse_passwords(args: list[str]) -> None:
+    """Refuse a URI with a password on the command line or in MLFLOW_TRACKING_URI before Hydra
+    starts: Hydra saves the overrides under outputs/ (.hydra/) before any job begins."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        refuse_password(key.lstrip("+~"), value)
+    refuse_password("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI", ""))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        refuse_passwords(sys.argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    # A new id for each launch, in its output folder's name (hydra.run.dir and hydra.sweep.dir in
+    # conf/config.yaml): two launches in the same second never share a folder or a checkpoint.
+    os.environ["VAE_SWEEPS_LAUNCH_ID"] = uuid.uuid4().hex[:6]
+    try:
+        main()
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (train.Interrupted), in a run or a sweep
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        sys.exit(128 + signum)  # as a shell expects: 130, 143

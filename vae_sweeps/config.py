@@ -8,47 +8,27 @@ the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from vae_sweeps.data import DATASETS
-from vae_sweeps.errors import ConfigError
+from vae_sweeps import models, priors
+from vae_sweeps.data import DATASETS, TRAIN_IMAGES
+from vae_sweeps.errors import ConfigError, refuse_password
 from vae_sweeps.losses import RECON_LOSSES
 from vae_sweeps.models import ARCHITECTURES, MLP_DEPTHS
 from vae_sweeps.module import OPTIMIZERS
 from vae_sweeps.priors import KL_ESTIMATORS, PRIORS
 
-
-# Settings that do not change a run's results. They are left out of its identity, which is
-# used to drop duplicate jobs of a sweep and to group runs in the report.
-NOT_RESULTS = ("hydra", "paths", "tracking", "tags", "force", "threads", "data.root", "data.download",
-               "trainer.enable_progress_bar", "trainer.enable_model_summary")
-
-
-def flatten(cfg: DictConfig, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
-    """The resolved config as flat ``group.key`` strings, without the keys in ``leave_out``
-    (a section name leaves out the whole section)."""
-    flat: dict[str, str] = {}
-
-    def walk(node, prefix: str) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if name in leave_out:
-                continue
-            if isinstance(value, dict):
-                walk(value, f"{name}.")
-            else:
-                flat[name] = str(value)
-
-    sections = [key for key in cfg if key not in leave_out]  # unresolvable ones (hydra) stay out
-    walk(OmegaConf.to_container(OmegaConf.masked_copy(cfg, sections), resolve=True), "")
-    return flat
-
-
-def result_settings(cfg: DictConfig) -> dict[str, str]:
-    """The flat settings that define what a run computes (seed included)."""
-    return flatten(cfg, NOT_RESULTS)
+# The most parameters a model may have: 4 GB of float32 weights, 16 GB with their gradients and
+# Adam's two moments.
+MAX_PARAMETERS = 10**9
+# The schemes of the tracking stores that MLflow opens (postgresql+psycopg://... too); MLflow 3
+# no longer opens its file store (./mlruns, file:...).
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 
 
 def _plain(value):
@@ -92,6 +72,60 @@ def _widths(key: str, value, count: int | None, example: str, least: int = 0) ->
         _fail(key, value, f"it must be a list of {need} positive integers, e.g. {key}={example}")
 
 
+def parameter_count(model: DictConfig, prior: DictConfig) -> int | None:
+    """The parameters of the VAE that these settings build, counted on PyTorch's meta device
+    (shapes only, no memory); None if a shape is beyond what PyTorch can describe."""
+    try:
+        with torch.device("meta"):
+            modules = [*models.build(model.name, model.latent_dim, model.hidden, model.get("channels")),
+                       priors.build(_plain(prior), model.latent_dim)]
+    except (RuntimeError, TypeError):  # "Storage size calculation overflowed", "Overflow when unpacking long"
+        return None
+    return sum(p.numel() for module in modules for p in module.parameters())
+
+
+def _model_size(model: DictConfig, prior: DictConfig) -> None:
+    count = parameter_count(model, prior)
+    if count is None or count > MAX_PARAMETERS:
+        sizes = [f"model.{key}={_plain(model[key])}" for key in ("latent_dim", "hidden", "channels")
+                 if model.get(key) is not None]
+        sizes += [f"prior.components={prior.components}"] if prior.name == "gmm" else []
+        has = f"{count:,} parameters" if count is not None else "more parameters than PyTorch can count"
+        raise ConfigError(f"{sizes[0]} with {', '.join(sizes[1:])} is not allowed: this {model.name} would have "
+                          f"{has}, more than {MAX_PARAMETERS:,} (16 GB of float32 weights, gradients and Adam's "
+                          "moments); choose smaller sizes, e.g. model.latent_dim=2.")
+
+
+def _tracking_uri(key: str, uri) -> None:
+    refuse_password(key, str(uri))  # first: the message below shows the URI
+    try:
+        parts = urlsplit(str(uri))
+    except ValueError:  # not a URL
+        parts = urlsplit("")
+    scheme = parts.scheme.split("+")[0]  # postgresql+psycopg://...
+    if scheme == "sqlite":
+        ok = str(uri).startswith("sqlite:///")
+    elif scheme in ("http", "https"):
+        ok = bool(parts.hostname)
+    else:
+        ok = scheme in TRACKING_SCHEMES
+    if not isinstance(uri, str) or not ok:
+        _fail(key, uri, "it must be a SQLite database (sqlite:///mlruns/mlflow.db, the default), a tracking server "
+              "(http://127.0.0.1:5000 from make server, or https://...) or a database server (postgresql://..., "
+              "mysql://..., mssql://...); MLflow 3 no longer opens file stores such as ./mlruns")
+
+
+def validate_tracking(cfg: DictConfig) -> None:
+    """The tracking settings: the URI (and MLFLOW_TRACKING_URI, which wins over it) and the
+    experiment. Part of ``validate``; a sweep also checks them alone, before it creates the store."""
+    _tracking_uri("tracking.uri", cfg.tracking.uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        _tracking_uri("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
+    experiment = cfg.tracking.experiment
+    if not isinstance(experiment, str) or not experiment.strip():
+        _fail("tracking.experiment", experiment, "it must be a non-empty name, e.g. tracking.experiment=vae_sweeps")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first value that is not allowed; then store float settings
     as floats, so that ``loss.c=1`` and ``loss.c=1.0`` log (and group) as one setting."""
@@ -114,6 +148,7 @@ def validate(cfg: DictConfig) -> None:
     if prior.name == "gmm":
         _int_at_least("prior.components", prior.components, 1, "10")
         _choice("prior.kl", prior.kl, KL_ESTIMATORS, "prior.kl=<estimator>")
+    _model_size(model, prior)
 
     _choice("data.name", data.name, list(DATASETS), "data=<name> on the command line")
     _int_at_least("data.batch_size", data.batch_size, 1, "128")
@@ -126,11 +161,18 @@ def validate(cfg: DictConfig) -> None:
     _int_at_least("trainer.max_epochs", cfg.trainer.max_epochs, 1, "30")
     _int_at_least("eval.iw_samples", cfg.eval.iw_samples, 1, "50")
     _int_at_least("eval.knn_k", cfg.eval.knn_k, 1, "5")
+    train_images = TRAIN_IMAGES - data.val_size  # the k-NN's reference set
+    if 0 < train_images < cfg.eval.knn_k:
+        _fail("eval.knn_k", cfg.eval.knn_k, f"it must be at most the number of training images, {train_images} "
+              f"({TRAIN_IMAGES} less data.val_size={data.val_size}), e.g. eval.knn_k=5")
+    _int_at_least("eval.judge_epochs", cfg.eval.judge_epochs, 1, "5")
+    _int_at_least("jobs_per_gpu", cfg.jobs_per_gpu, 1, "4")
     _choice("optim.name", cfg.optim.name, list(OPTIMIZERS), "optim.name=<name>")
     _positive_finite("optim.lr", cfg.optim.lr, "0.001")
     _int_at_least("seed", cfg.seed, 0, "0")
     if cfg.get("threads") is not None:
         _int_at_least("threads", cfg.threads, 1, "2")
+    validate_tracking(cfg)
 
     loss.c = float(loss.c)
     cfg.optim.lr = float(cfg.optim.lr)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import RendererAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import MaxNLocator
+from torchvision.utils import make_grid
 
 DPI = 100
 SIZES = {  # name: (width, height) in pixels
@@ -30,14 +33,10 @@ def new_figure(name: str) -> Figure:
 
 
 def tile(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
-    """(N, H, W) images in [0, 1] laid out in rows of ``cols``, with a light gap between."""
-    n, h, w = images.shape
-    rows = -(-n // cols)
-    out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), 0.75, dtype=np.float32)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = image
-    return out
+    """(N, H, W) images in [0, 1] laid out in rows of ``cols`` by torchvision's ``make_grid``,
+    with a light gap of ``pad`` pixels between (and around) them; one grey channel back."""
+    batch = torch.as_tensor(np.asarray(images, dtype=np.float32)).unsqueeze(1)
+    return make_grid(batch, nrow=cols, padding=pad, pad_value=0.75)[0].numpy()
 
 
 def _show(ax, image: np.ndarray, title: str, **kwargs) -> None:
@@ -45,8 +44,28 @@ def _show(ax, image: np.ndarray, title: str, **kwargs) -> None:
     ax.set_title(title, fontsize=10)
 
 
+def text_width(text: str, fontsize: float) -> float:
+    """The width in pixels of ``text`` drawn in matplotlib's default font at DPI (as a PNG has it)."""
+    renderer = RendererAgg(1, 1, DPI)
+    return renderer.get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)[0]
+
+
+def wrap(text: str, width: float, fontsize: float, sep: str = " ") -> list[str]:
+    """``text`` broken at ``sep`` into lines no wider than ``width`` pixels (a single piece
+    wider than that keeps a line of its own)."""
+    lines: list[str] = []
+    for piece in text.split(sep):
+        if lines and text_width(lines[-1] + sep + piece, fontsize) <= width:
+            lines[-1] += sep + piece
+        else:
+            lines.append(piece)
+    return lines
+
+
 def _caption(fig: Figure, caption: str) -> None:
-    fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=8, color="0.3")
+    """``caption`` centred along the bottom edge, broken into lines where one would be cut off."""
+    lines = wrap(caption, fig.get_figwidth() * DPI - 16, 8, sep=" | ")
+    fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=8, color="0.3")
 
 
 def fixed_test_indices(labels: torch.Tensor, per_class: int = 2) -> list[int]:

@@ -28,29 +28,34 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vae_sweeps import figures, tracking
-from vae_sweeps.config import NOT_RESULTS, validate
+from vae_sweeps import claims, figures, identity, tracking
 
 PROJECT = Path(__file__).resolve().parents[1]
 TABLES_FILE = PROJECT / "experiments" / "tables.yaml"
-RECORD = ("run_id", "status", "start_time", "sweep_id")  # per-run columns that are not params
+TAGGED = ("sweep_id", "classes_drawn", "host", "torch_version", "cpu_count", "torch_threads")
+# per-run columns that are not params: the run, its group (identity.group_key) and provenance tags
+RECORD = ("run_id", "status", "start_time", "end_time", "sweep_id", "group", "classes_drawn", "commit", "host",
+          "torch_version", "cpu_count", "torch_threads")
 STATS = (("recon", "recon"), ("kl", "kl"), ("total", "loss"))  # (column name, metric name)
 # The end-of-run evaluation (evaluation.py): (metric test/<name>, column header)
 EVALUATION = (("elbo", "ELBO"), ("log_px", "log p(x), IW"), ("recon_bce", "BCE"), ("recon_l2", "L2"),
               ("recon_l1", "L1"), ("sharpness", "sharpness"), ("active_units", "active units"),
               ("knn_accuracy", "k-NN acc."), ("kl_mc", "KL (MC)"), ("kl_tight_gap", "tight - MC"),
-              ("kl_bound_gap", "bound - MC"))
+              ("kl_bound_gap", "bound - MC"), ("judged_accuracy", "judged acc."),
+              ("classes_drawn", "classes drawn"), ("sample_class_entropy", "sample class entropy"))
 COLUMNS = ["n", "epochs", "seeds",
            *[f"test_{name}_{s}" for name, _ in STATS for s in ("mean", "std")],
            *[f"train_{name}" for name, _ in STATS],
            "study_recon", "study_kl", "study_total", "total_diff",
            *[f"test_{name}_{s}" for name, _ in EVALUATION for s in ("mean", "std")],
-           "iw_samples", "knn_k", "run_ids"]
+           "iw_samples", "knn_k", "run_ids", "non_default"]
+MIXTURE_KL = ("kl_mc", "kl_tight_gap", "kl_bound_gap")  # evaluated for a mixture prior only
 DASH = "—"
+FLAG = "†"  # after n: the cell's runs have settings other than the defaults, listed under the table
 TITLE_BAND = 64  # pixels above the panels of a composed figure: its title, then panel labels
+TITLE_LINE = 20  # pixels of each further line of a composed figure's title
 
 
 # ---------------------------------------------------------------------------- runs as records
@@ -66,12 +71,13 @@ def _numbers(column: pd.Series) -> pd.Series:
 def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
     """One row per run of ``experiment``: RECORD columns, params (numbers parsed), metrics.<key>."""
     records = [{"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
-                "sweep_id": run.data.tags.get("sweep_id"), **run.data.params,
+                "end_time": run.info.end_time, "group": identity.group_key(run.data.params),
+                "commit": run.data.tags.get("mlflow.source.git.commit"),
+                **{key: run.data.tags.get(key) for key in RECORD if key in TAGGED},
+                **identity.completed(run.data.params),  # a run made before a setting existed ran with its default
                 **{f"metrics.{k}": v for k, v in run.data.metrics.items()}}
                for run in tracking.every_run(client, experiment)]
     runs = pd.DataFrame.from_records(records, columns=list(RECORD) if not records else None)
-    for key, value in default_params().items():  # a run made before a setting existed ran with its default
-        runs[key] = runs[key].fillna(value) if key in runs else value
     for column in runs.columns:
         if column not in RECORD and not column.startswith("metrics."):
             runs[column] = _numbers(runs[column])
@@ -79,24 +85,14 @@ def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
 
 
 def default_params() -> dict[str, str]:
-    """The params of a run of the default config, as strings (as MLflow returns them)."""
-    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["paths.output_dir=."])
-    validate(cfg)  # the same number types as a logged run
-    return tracking.flat_params(cfg)
-
-
-def _is_result_setting(column: str) -> bool:
-    return not any(column == key or column.startswith(f"{key}.") for key in NOT_RESULTS)
+    """The result settings of a run of the default config, as strings (as MLflow returns them)."""
+    return identity.defaults()
 
 
 def finished_groups(runs: pd.DataFrame) -> pd.DataFrame:
-    """The FINISHED runs, each with its ``group`` (result settings but the seed), the latest
-    run kept where a group's seed ran more than once."""
+    """The FINISHED runs of each ``group`` (identity.group_key: one configuration over its
+    seeds), the latest run kept where a group's seed ran more than once."""
     done = runs[runs["status"] == "FINISHED"].copy()
-    identity = sorted(c for c in done.columns if c not in RECORD and c != "seed"
-                      and not c.startswith("metrics.") and _is_result_setting(c))
-    done["group"] = done[identity].map(str).agg(" ".join, axis=1) if identity and len(done) else ""
     if "seed" not in done:
         done["seed"] = 0
     return done.sort_values("start_time").drop_duplicates(["group", "seed"], keep="last")
@@ -145,6 +141,38 @@ def summarise(group: pd.DataFrame) -> dict:
     return row
 
 
+def _same(value, default: str) -> bool:
+    try:
+        return math.isclose(float(value), float(default))
+    except (TypeError, ValueError):
+        return str(value) == default
+
+
+def _shown(value) -> str:
+    value = value.item() if isinstance(value, np.generic) else value
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def non_default(group: pd.DataFrame, own: dict) -> str:
+    """The result settings of a cell's runs that differ from the defaults (those of the runs'
+    model, loss, prior and data options), besides the cell's ``own`` settings and the seed,
+    e.g. "trainer.max_epochs = 4 (default 30)"; "" where the runs used the defaults."""
+    run = group.iloc[0].to_dict()  # a group's runs differ in their seed only
+    defaults = identity.defaults(identity.choices(run))
+    if not defaults:  # options that no longer exist: nothing to compare with
+        return ""
+    differ = []
+    for key, value in sorted(run.items()):
+        if (key in RECORD or key in own or key == "seed" or key.startswith("metrics.")
+                or not identity.is_result_setting(key) or pd.isna(value)):
+            continue
+        if key not in defaults:
+            differ.append(f"{key} = {_shown(value)} (not in the current config)")
+        elif not _same(value, defaults[key]):
+            differ.append(f"{key} = {_shown(value)} (default {defaults[key]})")
+    return ", ".join(differ)
+
+
 # ---------------------------------------------------------------------------- tables
 
 
@@ -186,7 +214,7 @@ def build_table(done: pd.DataFrame, spec: dict) -> tuple[pd.DataFrame, list[str]
         if group.empty:
             missing.append(fill_command(settings))
         else:
-            row.update(summarise(group))
+            row.update(summarise(group), non_default=non_default(group, settings))
         if cell_key(value) in published:
             row["study_recon"], row["study_kl"], row["study_total"] = published[cell_key(value)]
         rows.append(row)
@@ -215,22 +243,39 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
+def _flagged(row: pd.Series) -> bool:
+    return isinstance(row.get("non_default"), str) and row["non_default"] != ""
+
+
+def _n(row: pd.Series) -> str:
+    """The n cell, flagged where the runs have settings other than the defaults."""
+    return _cell(row["n"]) + (f" {FLAG}" if _flagged(row) else "")
+
+
 def table_markdown(table: pd.DataFrame, axis: str) -> str:
-    """Our test Recon, KL and Total, and the study's numbers where it published some."""
+    """Our test Recon, KL and Total, and the study's numbers where it published some; under
+    it, the settings other than the defaults of each flagged row."""
     study = ["study_recon", "study_kl", "study_total", "total_diff"] if table["study_total"].notna().any() else []
     header = [axis, "Recon", "KL", "Total", "n", "epochs", "train Recon", "train KL", "train Total",
               *(["study Recon", "study KL", "study Total", "Δ Total"] if study else [])]
-    rows = [[_cell(row[axis]), *(_mean_std(row, name) for name, _ in STATS), _cell(row["n"]), _cell(row["epochs"]),
+    rows = [[_cell(row[axis]), *(_mean_std(row, name) for name, _ in STATS), _n(row), _cell(row["epochs"]),
              *(_cell(row[f"train_{name}"]) for name, _ in STATS), *(_cell(row[c]) for c in study)]
             for _, row in table.iterrows()]
-    return _markdown(header, rows)
+    notes = [f"- {row[axis]}: {row['non_default']}" for _, row in table.iterrows() if _flagged(row)]
+    if not notes:
+        return _markdown(header, rows)
+    return (_markdown(header, rows) + f"\n\n{FLAG} These cells' runs used settings other than the defaults "
+            "(besides the table's own), so they are not directly comparable:\n\n" + "\n".join(notes))
 
 
 def evaluation_markdown(table: pd.DataFrame, axis: str) -> str:
-    """The end-of-run evaluation: the columns that have a value in some row."""
+    """The end-of-run evaluation: the columns that have a value in some row; in a table with
+    no evaluated run yet, the columns its runs would fill (a mixture prior's on a priors axis)."""
     shown = [(name, header) for name, header in EVALUATION if table[f"test_{name}_mean"].notna().any()]
-    digits = {"knn_accuracy": 3, "sharpness": 3, "active_units": 1}
-    rows = [[_cell(row[axis]), *(_mean_std(row, name, digits.get(name, 2)) for name, _ in shown), _cell(row["n"])]
+    if not shown:
+        shown = [(name, header) for name, header in EVALUATION if name not in MIXTURE_KL or "prior" in axis]
+    digits = {"knn_accuracy": 3, "sharpness": 3, "active_units": 1, "judged_accuracy": 3, "classes_drawn": 1}
+    rows = [[_cell(row[axis]), *(_mean_std(row, name, digits.get(name, 2)) for name, _ in shown), _n(row)]
             for _, row in table.iterrows()]
     return _markdown([axis, *(header for _, header in shown), "n"], rows)
 
@@ -275,19 +320,25 @@ def panel_images(client: MlflowClient, artifact: str, panels: dict[str, pd.DataF
     return images
 
 
-def compose_artifacts(title: str, images: dict[str, np.ndarray]) -> Figure:
-    """The images side by side under ``title``, each labelled when there are several."""
+def compose_artifacts(title: str, images: dict[str, np.ndarray], missing: list[str] | None = None) -> Figure:
+    """The images side by side under ``title``, each labelled when the figure has several
+    panels. The title names the ``missing`` panels (no image to draw), and wraps onto more
+    lines where it is wider than the images, the band above them growing by a line each."""
+    if missing:
+        title += f" — {', '.join(missing)}: no finished run yet"
     width = sum(image.shape[1] for image in images.values())
-    height = max(image.shape[0] for image in images.values()) + TITLE_BAND
+    lines = figures.wrap(title, width - 16, 12)
+    band = TITLE_BAND + TITLE_LINE * (len(lines) - 1)
+    height = max(image.shape[0] for image in images.values()) + band
     fig = Figure(figsize=(width / figures.DPI, height / figures.DPI), dpi=figures.DPI)
-    fig.text(0.5, 1 - 8 / height, title, ha="center", va="top", fontsize=12)
+    fig.text(0.5, 1 - 8 / height, "\n".join(lines), ha="center", va="top", fontsize=12)
     left = 0
     for label, image in images.items():
         h, w = image.shape[:2]
-        ax = fig.add_axes((left / width, (height - TITLE_BAND - h) / height, w / width, h / height))
+        ax = fig.add_axes((left / width, (height - band - h) / height, w / width, h / height))
         ax.imshow(image, interpolation="nearest")
         ax.axis("off")
-        if len(images) > 1:
+        if len(images) > 1 or missing:
             ax.text(0.5, 1.0 + 4 / h, label, transform=ax.transAxes, ha="center", va="bottom", fontsize=11,
                     weight="bold")
         left += w
@@ -330,6 +381,10 @@ def build_report(client: MlflowClient, experiment: str, out: Path, source: str =
         tables[name], missing[name] = table, gaps
         for value in table_spec["values"]:
             cells[(name, cell_key(value))] = pick_group(done, {**table_spec["fixed"], **row_settings(table_spec, value)})
+    checked = claims.checked_claims(lambda table, value: cells[(table, cell_key(value))],
+                                    {name: table_spec["experiment"] for name, table_spec in spec["tables"].items()})
+    claims.table(checked).to_csv(out / "claims.csv", index=False)
+    (out / "claims.md").write_text(claims.markdown(checked))
 
     made, absent = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -341,7 +396,8 @@ def build_report(client: MlflowClient, experiment: str, out: Path, source: str =
             else:
                 images = panel_images(client, fig_spec["artifact"], panels, Path(tmp))
                 panels = {label: panels[label] for label in images}
-                fig = compose_artifacts(fig_spec["title"], images) if images else None
+                absent_images = [label for label in fig_spec["panels"] if label not in images]
+                fig = compose_artifacts(fig_spec["title"], images, absent_images) if images else None
             absent[name] = [label for label in fig_spec["panels"] if label not in panels]
             if fig is None:
                 continue
@@ -349,25 +405,60 @@ def build_report(client: MlflowClient, experiment: str, out: Path, source: str =
             fig.savefig(made[name])
 
     n_other = int((runs["status"] != "FINISHED").sum()) if len(runs) else 0
-    (out / "report.md").write_text(report_markdown(spec, tables, missing, made, absent, len(done), n_other,
-                                                   experiment, source))
-    return {"tables": tables, "missing": missing, "figures": made}
+    counted = runs_table(done)
+    counted.to_csv(out / "runs.csv", index=False)
+    (out / "report.md").write_text(report_markdown(spec, tables, missing, made, absent, done, n_other,
+                                                   experiment, source, checked))
+    return {"tables": tables, "missing": missing, "figures": made, "claims": checked}
 
 
-def report_markdown(spec, tables, missing, made, absent, n_done, n_other, experiment, source) -> str:
+def runs_table(done: pd.DataFrame) -> pd.DataFrame:
+    """One row per counted run: its id, seed, provenance, every param and every test metric."""
+    params = sorted(c for c in done.columns if c not in RECORD and not c.startswith("metrics.") and c != "seed")
+    tests = sorted(c for c in done.columns if c.startswith("metrics.test/"))
+    table = done.reindex(columns=["run_id", "seed", "commit", "host", "torch_version", "cpu_count", "torch_threads",
+                                  "start_time", "end_time", *params, *tests])
+    return table.rename(columns={c: c[len("metrics."):] for c in tests}).sort_values(["start_time", "run_id"])
+
+
+def provenance(done: pd.DataFrame) -> str:
+    """Where the counted runs come from: commits, machines, torch, and their compute time."""
+    if done.empty:
+        return ""
+
+    def listed(column: str) -> str:
+        values = sorted({str(v) for v in done.get(column, pd.Series(dtype=object)).dropna()})
+        return ", ".join(f"`{v}`" for v in values) or "not recorded"
+
+    hours = ((done["end_time"] - done["start_time"]).clip(lower=0).sum() / 3.6e6) if "end_time" in done else math.nan
+    return (f"Provenance of the counted runs: code at commit(s) {listed('commit')}; host(s) {listed('host')} with "
+            f"{listed('cpu_count')} CPU core(s), {listed('torch_threads')} torch thread(s) per job, torch "
+            f"{listed('torch_version')}; {hours:.1f} hours of training and evaluation in all (the sum of the runs' "
+            "wall times). `runs.csv` lists every counted run with its params and test metrics.")
+
+
+def report_markdown(spec, tables, missing, made, absent, done, n_other, experiment, source, checked=()) -> str:
     lines = [
         "# The VAE study, rebuilt from tracked runs", "",
-        f"Built {time.strftime('%Y-%m-%d %H:%M')} from {n_done} FINISHED run(s) of the MLflow experiment "
+        f"Built {time.strftime('%Y-%m-%d %H:%M')} from {len(done)} FINISHED run(s) of the MLflow experiment "
         f"`{experiment}`{f' at `{source}`' if source else ''}; {n_other} run(s) that did not finish "
-        "(FAILED, KILLED, RUNNING) are not counted.", "",
+        "(FAILED, KILLED, RUNNING) are not counted.", "", provenance(done), "",
         "How to read the tables. *Recon*, *KL* and *Total* (= c * Recon + KL) are ours, per test image, "
         "as mean ± std over *n* seeds after *epochs* epochs. *train* columns are the training loss of the "
         "last epoch (mean over seeds). *study* columns are the published numbers (../shared/STUDY.md), "
         "most likely training figures of a single run. *Δ Total* = our test Total − the study's Total. "
         f"A {DASH} is a cell with no finished run; the commands under each table would fill it. "
         "Where several configurations match a cell (a quick and a full budget, say), the one with the most "
-        "epochs is shown. Each table's CSV (beside this file) lists the MLflow run ids behind every row.", "",
+        f"epochs is shown. A {FLAG} after *n* marks runs with settings other than the defaults (fewer epochs "
+        "than the study's 30, say), listed under the table. "
+        "Each table's CSV (beside this file) lists the MLflow run ids behind every row.", "",
     ]
+    if checked:
+        lines += ["## The study's claims, checked", "",
+                  "Each claim of the study (../shared/STUDY.md) and its companion write-ups, tested on the tables' runs "
+                  "as defined in `experiments/claims.yaml`: differences between rows use every seed, as a mean "
+                  "difference with a 95% interval by Welch's t, and the verdict follows from where the interval lies "
+                  "(`claims.csv` holds the same).", "", claims.markdown(checked)]
     for name, table_spec in spec["tables"].items():
         table, label = tables[name], row_label(table_spec)
         samples = sorted({int(k) for k in table["iw_samples"].dropna()})
@@ -403,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default=defaults.experiment, help="MLflow experiment name")
     args = parser.parse_args(argv)
     uri = tracking.resolve_uri(args.tracking_uri)
+    tracking.repair_moved_store(uri)  # a moved SQLite store: find its figures beside it
     result = build_report(MlflowClient(tracking_uri=uri), args.experiment, args.out, tracking.redact(uri))
     gaps = sum(len(m) for m in result["missing"].values())
     print(f"Wrote {args.out / 'report.md'}: {len(result['tables'])} tables ({gaps} missing cells), "

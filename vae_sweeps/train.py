@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +18,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
-from vae_sweeps import evaluation, figures, tracking
+from vae_sweeps import devices, evaluate, figures, identity, tracking
 from vae_sweeps.config import validate
 from vae_sweeps.data import ImageDataModule
 from vae_sweeps.module import VAEModule
 
 log = logging.getLogger(__name__)
+
+RECORD = "vae_sweeps"  # the key of EpochEnd's record in a checkpoint
+CLEANUP_WAIT_S = 2.0  # between tries of closing a failed run in the store (``attempt``)
 
 
 class _NoAdverts(logging.Filter):
@@ -42,12 +46,13 @@ def plain(node) -> dict:
 def make_datamodule(cfg: DictConfig) -> ImageDataModule:
     data = cfg.data
     return ImageDataModule(name=data.name, root=str(data.root), download=data.download,
-                           batch_size=data.batch_size, val_size=data.val_size, seed=cfg.seed)
+                           batch_size=data.batch_size, val_size=data.val_size, seed=cfg.seed, verify=data.verify)
 
 
 def torch_threads(cfg: DictConfig) -> int:
     """``threads`` if set, else this job's share of the usable cores: a SLURM or submitit
-    job's cpus_per_task, or the cores divided by joblib's n_jobs."""
+    job's cpus_per_task, or the cores divided by joblib's n_jobs (GPUs x ``jobs_per_gpu``
+    with ``hydra/launcher=joblib_gpu``)."""
     if cfg.get("threads"):
         return cfg.threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -63,6 +68,8 @@ def make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], output_dir: Path
     options = plain(cfg.trainer)
     if options.get("enable_progress_bar") is None:  # a bar in a terminal, none in logs
         options["enable_progress_bar"] = sys.stderr.isatty()
+    # on a machine with several GPUs, job n of a sweep trains on GPU n mod GPUs, not all on the first
+    options = devices.pin_to_gpu(options, devices.job_number(), devices.gpu_count())
     # EpochEnd is the Checkpoint callback: Lightning adds none of its own
     return pl.Trainer(**options, callbacks=callbacks, logger=False, default_root_dir=output_dir)
 
@@ -76,59 +83,126 @@ class EpochEnd(Checkpoint):
 
     A Checkpoint subclass because Lightning calls those after the LightningModule's own
     ``on_train_epoch_end``, where the epoch means are logged.
+
+    The checkpoint also holds its RECORD: the run's identity ``key`` (a resumed run refuses a
+    checkpoint of another configuration), its completed epochs and their means (the next launch
+    logs them if the process died before it could: ``salvage``). Each epoch's metrics come with
+    the run's heartbeat (tracking.alive).
     """
 
-    def __init__(self, path: Path, client, run_id: str, epochs: int = 0):
-        self.path, self.client, self.run_id = path, client, run_id
+    def __init__(self, path: Path, client, run_id: str, epochs: int = 0, key: str | None = None):
+        self.path, self.client, self.run_id, self.key = path, client, run_id, key
         self.saved = self.logged = epochs  # completed epochs in the file / in MLflow
         self.validated = False
+        self.means: dict[str, float] = {}  # of the last saved epoch
+        self.epoch_began, self.longest = time.monotonic(), 0.0  # for the heartbeat
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.validated = not trainer.sanity_checking
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
-        self.log_epoch(trainer)
+        self.log_epoch()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RECORD] = {"run_key": self.key, "epochs": trainer.current_epoch + 1, "means": self.means}
 
     def save(self, trainer: pl.Trainer) -> None:
+        """Save the epoch's checkpoint; if that fails (a full disk), leave no partial file."""
+        stages = ("train/", "val/") if self.validated else ("train/",)
+        self.means = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(stages)}
+        self.validated = False
         partial = self.path.with_suffix(".partial")
-        trainer.save_checkpoint(partial, weights_only=False)
-        os.replace(partial, self.path)
+        try:
+            trainer.save_checkpoint(partial, weights_only=False)
+            os.replace(partial, self.path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         self.saved = trainer.current_epoch + 1
+        now = time.monotonic()
+        self.longest, self.epoch_began = max(self.longest, now - self.epoch_began), now
 
-    def log_epoch(self, trainer: pl.Trainer) -> None:
+    def log_epoch(self) -> None:
         """Log the saved epoch's means, unless they already are."""
         if self.saved > self.logged:
-            stages = ("train/", "val/") if self.validated else ("train/",)
-            means = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(stages)}
-            tracking.log_metrics(self.client, self.run_id, means, self.saved)
-            self.logged, self.validated = self.saved, False
+            tracking.log_metrics(self.client, self.run_id, self.means, self.saved, tracking.process_tags(self.longest))
+            self.logged = self.saved
+
+
+# What ends a run KILLED and resumable rather than FAILED: Ctrl-C, SIGTERM (made a
+# KeyboardInterrupt below), sys.exit, and submitit's UncompletedJobError, which its signal
+# handler raises in a SLURM job signalled before its time limit once its requeues are used up.
+try:
+    from submitit.core.utils import UncompletedJobError
+    INTERRUPTS = (KeyboardInterrupt, SystemExit, UncompletedJobError)
+except ImportError:  # submitit is optional for a single run
+    INTERRUPTS = (KeyboardInterrupt, SystemExit)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A job stopped by a signal: SIGINT (Ctrl-C) or SIGTERM (``kill``, a scheduler). The CLI
+    exits with 128 + its number (130, 143), as a shell expects."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)  # its args, so that it pickles (a joblib worker's error)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"interrupted ({signal.Signals(self.signum).name})"
+
+
+class Signals:
+    """What ``signals_as_interrupt`` caught: ``received``, the number of the signal, or None."""
+
+    received: int | None = None
+
+    def shield(self) -> None:
+        """Ignore SIGTERM from now on, for a clean-up that must finish."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextmanager
-def sigterm_as_interrupt():
-    """Handle SIGTERM (a scheduler or ``kill`` stopping the job) like Ctrl-C, so that the run
-    ends KILLED with its checkpoint saved instead of dying mid-write. Yields ``shield``,
-    which ignores SIGTERM from then on, for a clean-up that must finish. Signals belong to
-    the main thread: elsewhere both do nothing."""
+def signals_as_interrupt():
+    """Raise Interrupted on SIGINT and SIGTERM, so that the run ends KILLED with its checkpoint
+    saved instead of dying mid-write. Yields the Signals that remember which signal came:
+    Lightning turns a KeyboardInterrupt during training into SystemExit(1). SIGINT stays
+    ignored where it was (a background job), and the handlers are restored at the end (Lightning
+    leaves SIGINT ignored). Signals belong to the main thread: elsewhere this does nothing."""
+    signals = Signals()
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
+        yield signals
         return
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        signals.received = signum
+        raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(signum, interrupt)
     try:
-        yield lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        yield signals
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def caption(cfg: DictConfig, run_id: str) -> str:
-    prior = cfg.prior.name + (f" ({cfg.prior.components}, {cfg.prior.kl})" if cfg.prior.name == "gmm" else "")
-    return (f"{cfg.model.name} | {cfg.loss.name} | latent dim {cfg.model.latent_dim} | c = {cfg.loss.c:g} | "
-            f"prior {prior} | {cfg.data.name} | seed {cfg.seed} | {cfg.trainer.max_epochs} epochs | run {run_id[:8]}")
+def attempt(call, *args, tries: int = 1) -> bool:
+    """Make one clean-up call to the store after a run stopped, up to ``tries`` times: whether
+    it succeeded. A failure is logged, not raised, so that it does not hide why the run stopped."""
+    for left in reversed(range(tries)):
+        try:
+            call(*args)
+            return True
+        except Exception as err:
+            log.error("Closing the run: %s failed (%s: %s)%s", getattr(call, "__name__", call), type(err).__name__,
+                      err, f"; trying again in {CLEANUP_WAIT_S:g} s" if left else "")
+            if left:
+                time.sleep(CLEANUP_WAIT_S)
+    return False
 
 
 def log_figures(client, run_id: str, module: VAEModule, datamodule: ImageDataModule, text: str) -> None:
@@ -139,24 +213,83 @@ def log_figures(client, run_id: str, module: VAEModule, datamodule: ImageDataMod
         client.log_figure(run_id, fig, f"figures/{name}.png")
 
 
-def resume_or_start(client, experiment_id: str, cfg: DictConfig, digest: str, checkpoint: Path
+def saved_record(checkpoint: Path) -> dict:
+    """The RECORD that EpochEnd saved in ``checkpoint`` ({} if it has none)."""
+    return torch.load(checkpoint, map_location="cpu", weights_only=True).get(RECORD) or {}
+
+
+def salvage(client, key: str, run) -> int:
+    """For tracking.close_dead_runs: the completed epochs of the checkpoint that the dead ``run``
+    left in its output folder, uploaded to the run, with the means of its last epoch logged if
+    the process died before logging them; 0 if there is no readable checkpoint of identity ``key``."""
+    output_dir = run.data.tags.get("output_dir")
+    checkpoint = Path(output_dir) / "checkpoints" / "last.ckpt" if output_dir else None
+    if checkpoint is None or not checkpoint.is_file():
+        return 0
+    try:
+        record = saved_record(checkpoint)
+    except Exception as err:  # cut short by a crash
+        log.warning("The checkpoint %s of run %s cannot be read (%s); not resumed", checkpoint, run.info.run_id, err)
+        return 0
+    if record.get("run_key") != key:
+        log.warning("The checkpoint %s is not of run %s's configuration; not resumed", checkpoint, run.info.run_id)
+        return 0
+    epochs = record["epochs"]
+    if epochs not in [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]:
+        tracking.log_metrics(client, run.info.run_id, record["means"], epochs)
+    client.log_artifact(run.info.run_id, str(checkpoint), "checkpoints")
+    return epochs
+
+
+def resume_or_start(client, experiment_id: str, cfg: DictConfig, key: str, checkpoint: Path
                     ) -> tuple[str, int]:
     """(run id, completed epochs in ``checkpoint``): the newest KILLED run of this
     configuration that saved a checkpoint, reopened with its checkpoint downloaded to
-    ``checkpoint``, or else a new run (0 epochs)."""
-    killed = None if cfg.force else tracking.latest_run(client, experiment_id, digest, "KILLED")
+    ``checkpoint``, or else a new run (0 epochs).
+
+    A checkpoint that is not of this configuration (its RECORD holds another identity, or none)
+    is refused: its run loses ``resume_from_epoch``, says why in its ``error`` tag, and a new run
+    starts from epoch 0. Failing instead would stop every later launch of this configuration at
+    the same checkpoint, and the foreign weights are of no use to it."""
+    killed = None if cfg.force else tracking.latest_run(client, experiment_id, key, "KILLED")
     if killed is None or "resume_from_epoch" not in killed.data.tags:
         return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
     run_id, epochs = killed.info.run_id, int(killed.data.tags["resume_from_epoch"])
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     os.replace(client.download_artifacts(run_id, "checkpoints/last.ckpt", str(checkpoint.parent)), checkpoint)
+    saved_key = saved_record(checkpoint).get("run_key")
+    if saved_key != key:
+        reason = f"its checkpoint is of another configuration ({saved_key}, not {key}), so it was not resumed"
+        log.warning("Run %s: %s; starting a new run", run_id, reason)
+        client.delete_tag(run_id, "resume_from_epoch")
+        client.set_tag(run_id, "error", reason)
+        checkpoint.unlink()
+        return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
     client.update_run(run_id, status="RUNNING")
-    for key, value in {"resumed_from_epoch": epochs, "output_dir": checkpoint.parents[1], "pid": os.getpid()}.items():
-        client.set_tag(run_id, key, str(value))
+    tags = {"resumed_from_epoch": epochs, "output_dir": checkpoint.parents[1], **tracking.process_tags()}
+    for name, value in tags.items():
+        client.set_tag(run_id, name, str(value))
     for stale in ("resume_from_epoch", "error"):
         client.delete_tag(run_id, stale)
     log.info("Resuming run %s after epoch %d", run_id, epochs)
     return run_id, epochs
+
+
+def already_taken(client, experiment_id: str, key: str) -> dict | None:
+    """The result of a job whose configuration must not train now, with ``skipped`` saying why:
+    it has a FINISHED run (whose test metrics are returned), or a RUNNING run that is alive
+    (tracking.alive: its process on this host, or a recent heartbeat from another host)."""
+    finished = tracking.latest_run(client, experiment_id, key, "FINISHED")
+    if finished is not None:
+        test = {k: v for k, v in finished.data.metrics.items() if k.startswith("test/")}
+        return {"run_id": finished.info.run_id, **test, "skipped": "this configuration already has a FINISHED run "
+                f"({finished.info.run_id}; force=true trains it again)"}
+    running = tracking.live_run(client, experiment_id, key)
+    if running is not None:
+        tags = running.data.tags
+        return {"run_id": running.info.run_id, "skipped": f"this configuration has a RUNNING run ({running.info.run_id}, "
+                f"process {tags.get('pid')} on {tags.get('host')}; force=true starts another)"}
+    return None
 
 
 def train(cfg: DictConfig) -> dict:
@@ -167,30 +300,37 @@ def train(cfg: DictConfig) -> dict:
     metrics are returned, with ``skipped``), and one whose last run was interrupted resumes
     that run from its last completed epoch, unless ``force``. Once the run exists, it ends
     FINISHED, FAILED with the reason in its ``error`` tag, or KILLED on Ctrl-C or SIGTERM,
-    with the checkpoint of its last completed epoch saved for resuming.
+    with the checkpoint of its last completed epoch saved for resuming. A configuration with a
+    live RUNNING run is skipped too (``already_taken``), and a run left RUNNING by a process that
+    is gone is closed first (tracking.close_dead_runs), resumable if its checkpoint is on disk.
+    If the store cannot be written when the run stops, the reason is left in the output folder
+    for the next launch to close the run with.
     """
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    client, experiment_id = tracking.open_store(tracking.resolve_uri(cfg.tracking.uri), cfg.tracking.experiment)
-    digest = tracking.config_hash(cfg)
-    finished = None if cfg.force else tracking.latest_run(client, experiment_id, digest, "FINISHED")
-    if finished is not None:
-        log.info("Skipped %s: run %s already FINISHED (force=true trains it again)",
-                 tracking.run_name(cfg), finished.info.run_id)
-        test = {k: v for k, v in finished.data.metrics.items() if k.startswith("test/")}
-        return {"run_id": finished.info.run_id, "skipped": True, **test}
-
-    datamodule = make_datamodule(cfg)
-    datamodule.load()
-    torch.set_num_threads(torch_threads(cfg))
-    tracking.close_dead_runs(client, experiment_id, digest)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    client, experiment_id = tracking.open_store(uri, cfg.tracking.experiment)
+    key = identity.run_key(cfg)
     checkpoint = output_dir / "checkpoints" / "last.ckpt"
-    run_id, done = resume_or_start(client, experiment_id, cfg, digest, checkpoint)
-    client.set_tag(run_id, "torch_threads", str(torch.get_num_threads()))
-    log.info("MLflow run %s (%s)", run_id, tracking.run_name(cfg))
-    epoch_end = EpochEnd(checkpoint, client, run_id, epochs=done)
+    with tracking.claim(uri, key):  # of two launches of this configuration at once, the second sees the first's run
+        skipped = None if cfg.force else already_taken(client, experiment_id, key)
+        if skipped is not None:
+            log.info("Skipped %s: %s", identity.run_name(cfg), skipped["skipped"])
+            return skipped
+        datamodule = make_datamodule(cfg)
+        datamodule.load()
+        tracking.close_dead_runs(client, experiment_id, key, lambda run: salvage(client, key, run))
+        run_id, done = resume_or_start(client, experiment_id, cfg, key, checkpoint)
+    tracking.record_reason(output_dir, None)  # an earlier attempt's, where a folder is used again
+    torch.set_num_threads(torch_threads(cfg))
+    tracking.describe_run(client, run_id, datamodule, identity.caption(cfg, run_id))
+    for name, value in {"torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+                        "cpu_count": os.cpu_count()}.items():  # the machine behind the numbers
+        client.set_tag(run_id, name, str(value))
+    log.info("MLflow run %s (%s)", run_id, identity.run_name(cfg))
+    epoch_end = EpochEnd(checkpoint, client, run_id, epochs=done, key=key)
     trainer = None
-    with sigterm_as_interrupt() as shield:
+    with signals_as_interrupt() as signals:
         try:
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim),
@@ -198,20 +338,26 @@ def train(cfg: DictConfig) -> dict:
             trainer = make_trainer(cfg, [epoch_end], output_dir)
             trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint if done else None, weights_only=True)
             test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-            test.update(evaluation.evaluate(module.vae, datamodule.splits, cfg.eval.iw_samples, cfg.eval.knn_k))
-            tracking.log_metrics(client, run_id, test, epoch_end.saved)
+            metrics, tags = evaluate.compute(list(evaluate.PARTS), module.vae, datamodule, identity.params(cfg),
+                                             uri, cfg.tracking.experiment)
+            test.update(metrics)
+            evaluate.log_evaluation(client, run_id, test, tags, epoch_end.saved)
             client.log_artifact(run_id, str(checkpoint), "checkpoints")
-            log_figures(client, run_id, module, datamodule, caption(cfg, run_id))
+            log_figures(client, run_id, module, datamodule, identity.caption(cfg, run_id))
         except BaseException as err:
-            shield()  # let the clean-up finish
-            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+            signals.shield()  # let the clean-up finish
+            stop = Interrupted(signals.received) if signals.received else None
+            interrupted = stop is not None or isinstance(err, INTERRUPTS)
+            reason = str(stop or f"{type(err).__name__}: {err}")
+            tracking.record_reason(output_dir, reason)  # for the next launch, should the store fail below
             if interrupted and epoch_end.saved:
-                if trainer is not None:
-                    epoch_end.log_epoch(trainer)  # if stopped between the checkpoint and its metrics
-                client.log_artifact(run_id, str(checkpoint), "checkpoints")
-                client.set_tag(run_id, "resume_from_epoch", str(epoch_end.saved))
-            client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-            client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
+                attempt(epoch_end.log_epoch)  # if stopped between the checkpoint and its metrics
+                if attempt(client.log_artifact, run_id, str(checkpoint), "checkpoints"):
+                    attempt(client.set_tag, run_id, "resume_from_epoch", str(epoch_end.saved))
+            attempt(client.set_tag, run_id, "error", reason[:5000])
+            attempt(client.set_terminated, run_id, "KILLED" if interrupted else "FAILED", tries=3)
+            if stop is not None and not isinstance(err, Interrupted):
+                raise stop from err  # not Lightning's SystemExit(1): the CLI exits with 128 + the signal
             raise
     client.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, **{k: float(v) for k, v in test.items()}}

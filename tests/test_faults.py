@@ -1,0 +1,229 @@
+"""Faults that must not lose or mix up work: jobs started in the same second, a foreign
+checkpoint, a process killed with SIGKILL, a full disk, a store that fails during the clean-up,
+a second launch of a configuration that is running, and the exit status of an interrupt."""
+
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import all_runs, job_env, prepared_store, run_cli, slowed_cli, store, tiny_overrides
+from mlflow import MlflowClient
+from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from test_resilience import SMALL, history, wait_for
+
+from vae_sweeps import identity, tracking
+from vae_sweeps import train as train_module
+from vae_sweeps.module import NonFiniteLoss
+from vae_sweeps.train import EpochEnd, train
+
+QUICK = (*SMALL, "eval.iw_samples=1", "eval.judge_epochs=1")  # a small model, a short evaluation
+# python -m vae_sweeps with Hydra's ${now:...} frozen: every job it starts, starts in the same second
+SAME_SECOND = ("import datetime, runpy, hydra.core.utils\n"
+               "class Frozen(datetime.datetime):\n"
+               "    @classmethod\n"
+               "    def now(cls, tz=None):\n"
+               "        return cls(2030, 1, 1)\n"
+               "hydra.core.utils.datetime = Frozen\n"
+               "runpy.run_module('vae_sweeps', run_name='__main__', alter_sys=True)")
+
+
+def saved_key(path) -> str | None:
+    """The identity key that a checkpoint file was saved with."""
+    return torch.load(path, weights_only=True).get("vae_sweeps", {}).get("run_key")
+
+
+def first_epoch_logged(tmp_path, client):
+    runs = all_runs(tmp_path)
+    return runs and history(client, runs[0])
+
+
+def test_jobs_started_in_the_same_second_write_only_their_own_files(tmp_path, tiny_root):
+    client = prepared_store(tmp_path)
+    jobs = [subprocess.Popen([sys.executable, "-c", SAME_SECOND, *tiny_overrides(tmp_path, tiny_root), *QUICK,
+                              "trainer.max_epochs=1", f"seed={seed}"],
+                             cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for seed in (0, 1)]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err[-2000:]
+    runs = all_runs(tmp_path)
+    folders = {Path(run.data.tags["output_dir"]) for run in runs}
+    assert len(runs) == 2 and len(folders) == 2
+    assert all(folder.name.startswith("2030-01-01_00-00-00") for folder in folders)
+    for run in runs:  # its folder's checkpoint and the one it uploaded are its own
+        uploaded = client.download_artifacts(run.info.run_id, "checkpoints/last.ckpt", str(tmp_path / run.info.run_id))
+        local = Path(run.data.tags["output_dir"]) / "checkpoints" / "last.ckpt"
+        assert saved_key(uploaded) == saved_key(local) == identity.key_of(run.data.params)
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(make_cfg, tmp_path, monkeypatch):
+    other = train(make_cfg("trainer.max_epochs=1", "seed=1", *QUICK))  # uploads its checkpoint at its end
+    original = EpochEnd.save
+
+    def stop_after_epoch_1(self, trainer):
+        original(self, trainer)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EpochEnd, "save", stop_after_epoch_1)
+    cfg = make_cfg(*QUICK)  # seed 0, 2 epochs
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train(cfg)
+    monkeypatch.undo()
+    client = store(tmp_path)
+    (killed,) = [run for run in all_runs(tmp_path) if run.info.status == "KILLED"]
+    assert killed.data.tags["resume_from_epoch"] == "1"
+    # the other configuration's checkpoint in its place, as when two jobs shared one folder
+    foreign = client.download_artifacts(other["run_id"], "checkpoints/last.ckpt", str(tmp_path / "foreign"))
+    client.log_artifact(killed.info.run_id, foreign, "checkpoints")
+
+    result = train(cfg)
+    assert result["run_id"] not in (killed.info.run_id, other["run_id"])  # a new run, from epoch 0
+    fresh, refused = client.get_run(result["run_id"]), client.get_run(killed.info.run_id)
+    assert fresh.info.status == "FINISHED" and history(client, fresh) == [1, 2]
+    assert refused.info.status == "KILLED" and "resume_from_epoch" not in refused.data.tags
+    assert "another configuration" in refused.data.tags["error"]
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, tiny_root):
+    args = ("trainer.max_epochs=5", *QUICK)
+    client = prepared_store(tmp_path)
+    job = subprocess.Popen([*slowed_cli(1.0), *tiny_overrides(tmp_path, tiny_root), *args], cwd=tmp_path,
+                           env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: first_epoch_logged(tmp_path, client), 180, "the first epoch")
+    job.kill()
+    job.wait(timeout=60)
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "RUNNING"  # nothing could close it
+
+    again = run_cli(tmp_path, tiny_root, *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    (resumed,) = all_runs(tmp_path)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert int(resumed.data.tags["resumed_from_epoch"]) >= 1
+    assert history(client, resumed) == [1, 2, 3, 4, 5]
+    assert history(client, resumed, "val/loss") == [1, 2, 3, 4, 5]
+
+
+def test_a_full_disk_fails_the_run_with_its_reason_and_leaves_no_partial_file(make_cfg, tmp_path, monkeypatch):
+    def disk_full(self, checkpoint, path, storage_options=None):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(bytes(1000))  # what was written before the disk filled up
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", disk_full)
+    with pytest.raises(OSError) as raised:
+        train(make_cfg(*QUICK))
+    assert raised.value.errno == errno.ENOSPC
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
+    assert list((tmp_path / "out" / "checkpoints").iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs; skips where this user may not mount one."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                              capture_output=True, text=True)
+    except OSError as err:
+        pytest.skip(f"no mount command to make a 3 MB tmpfs: {err}")
+    if done.returncode != 0:
+        pytest.skip(f"mounting a 3 MB tmpfs is not permitted here (it needs root): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_job_whose_output_folder_fills_up_fails_and_frees_the_space(make_cfg, tmp_path, small_disk):
+    cfg = make_cfg("model=mlp2", "model.hidden=[512]")  # a checkpoint of 10 MB: weights and Adam's state
+    cfg.paths.output_dir = str(small_disk)
+    with pytest.raises(OSError) as raised:
+        train(cfg)
+    assert raised.value.errno == errno.ENOSPC
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
+    assert not list(small_disk.rglob("*.partial"))
+    assert shutil.disk_usage(small_disk).used < 100_000
+
+
+def test_a_store_failing_during_the_clean_up_hides_no_error_and_the_next_launch_closes_the_run(
+        make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg("trainer.max_epochs=1", "loss.c=1e38", *QUICK)  # NonFiniteLoss at the first step
+    attempts = []
+    set_tag = MlflowClient.set_tag
+
+    def store_down(*args):
+        attempts.append(args)
+        raise MlflowException("(sqlite3.OperationalError) database or disk is full")
+
+    def set_tag_but_error(self, run_id, key, value, *args, **kwargs):  # the clean-up's tag fails
+        return store_down(key) if key == "error" else set_tag(self, run_id, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "CLEANUP_WAIT_S", 0.0)
+    monkeypatch.setattr(MlflowClient, "set_tag", set_tag_but_error)
+    monkeypatch.setattr(MlflowClient, "set_terminated", lambda self, run_id, status: store_down(status))
+    with pytest.raises(NonFiniteLoss):
+        train(cfg)
+    monkeypatch.undo()
+    assert attempts == [("error",), ("FAILED",), ("FAILED",), ("FAILED",)]  # the status update is retried
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "RUNNING" and "error" not in run.data.tags
+
+    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    client.set_tag(run.info.run_id, "pid", gone.stdout.strip())  # its process has ended
+    tracking.close_dead_runs(client, experiment_id, identity.run_key(cfg))
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("NonFiniteLoss: train/loss is inf")  # the reason it recorded
+
+
+def test_a_configuration_with_a_live_run_is_not_started_again(make_cfg, tmp_path, tiny_root):
+    cfg = make_cfg(*QUICK)
+    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    # a run of this configuration whose process (this one) is alive on this host
+    live = client.create_run(experiment_id, tags={"host": socket.gethostname(), "pid": str(os.getpid())}).info.run_id
+    client.log_batch(live, params=[Param(k, v) for k, v in identity.params(cfg).items()])
+    done = run_cli(tmp_path, tiny_root, *QUICK)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"Skipped: this configuration has a RUNNING run ({live}" in done.stdout
+    assert [run.info.run_id for run in all_runs(tmp_path)] == [live]
+
+
+def test_a_run_on_another_host_is_live_while_its_heartbeat_is_recent():
+    def running(**tags):
+        info = type("Info", (), {"start_time": int(time.time() * 1000) - 3_600_000})  # started an hour ago
+        return type("Run", (), {"info": info, "data": type("Data", (), {"tags": {"host": "another-node", **tags}})})
+
+    now = time.time()
+    assert tracking.alive(running(heartbeat=str(now - 60)))
+    assert not tracking.alive(running(heartbeat=str(now - 3600)))
+    assert tracking.alive(running(heartbeat=str(now - 3600), longest_epoch_s="2400"))  # slow epochs
+    assert not tracking.alive(running())  # no heartbeat since it started, an hour ago
+    assert tracking.alive(running(host=socket.gethostname(), pid=str(os.getpid())))
+
+
+def test_ctrl_c_stops_a_sweep_with_status_130_and_starts_no_other_job(tmp_path, tiny_root):
+    client = prepared_store(tmp_path)
+    job = subprocess.Popen([*slowed_cli(0.5), "-m", *tiny_overrides(tmp_path, tiny_root), "seed=0,1",
+                            "trainer.max_epochs=30", *QUICK], cwd=tmp_path, env=job_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for(lambda: first_epoch_logged(tmp_path, client), 180, "the first epoch")
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err[-2000:]
+    (run,) = all_runs(tmp_path)  # the second job never started
+    assert (run.data.params["seed"], run.info.status) == ("0", "KILLED")
+    assert run.data.tags["error"] == "interrupted (SIGINT)"

@@ -1,0 +1,108 @@
+"""The judge (a classifier per dataset, stored once) and the back-fill of a run's evaluation."""
+
+import math
+
+import pytest
+import torch
+from conftest import all_runs, compose_tiny, fake_digits, store
+from torch import nn
+
+from vae_sweeps import evaluate, judge
+from vae_sweeps.data import to_tensors
+from vae_sweeps.train import train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Tiny fake digits (a bright square whose place says the class) and a judge trained on them."""
+    x, y = to_tensors(*fake_digits(200, 0))
+    return x, y, judge.fit(x, y, epochs=15)
+
+
+def test_the_judge_learns_the_classes(digits):
+    x, y, the_judge = digits
+    test_x, test_y = to_tensors(*fake_digits(100, 1))
+    assert judge.accuracy(the_judge, test_x, test_y) == 1.0
+    assert judge.fit(x, y, epochs=1).state_dict()["net.0.weight"].equal(judge.fit(x, y, epochs=1).state_dict()["net.0.weight"])
+
+
+class Stub(nn.Module):
+    """A 'VAE' with latent dim 1 that reconstructs every image as one fixed image and decodes
+    z < 0 as class ``low`` and z >= 0 as class ``high`` (images from the judge's data)."""
+
+    def __init__(self, examples: dict[int, torch.Tensor], low: int, high: int, recon_as: int):
+        super().__init__()
+        self.latent_dim, self.examples, self.low, self.high, self.recon_as = 1, examples, low, high, recon_as
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def decode_images(self, z):
+        return torch.stack([self.examples[self.low if v < 0 else self.high] for v in z[:, 0]])
+
+    def decode(self, z):  # logits of those images
+        return torch.logit(self.decode_images(z).clamp(1e-4, 1 - 1e-4))
+
+    def reconstruct(self, x):
+        return self.examples[self.recon_as].expand(len(x), -1, -1, -1)
+
+    def sample(self, n):
+        return self.decode_images(torch.randn(n, 1))
+
+
+def test_judged_metrics_count_what_the_decoder_draws_and_gets_right(digits):
+    x, y, the_judge = digits
+    examples = {k: x[y == k][0] for k in range(10)}
+    stub = Stub(examples, low=4, high=7, recon_as=3)
+    test = (x[:50], y[:50])  # 5 images of each class
+    metrics, drawn = judge.judge_metrics(the_judge, stub, test, seed=0)
+    assert drawn == "4 7" and metrics["test/classes_drawn"] == 2
+    assert metrics["test/judged_accuracy"] == pytest.approx(0.1)  # every reconstruction is a 3
+    assert metrics["test/judged_accuracy_3"] == 1.0 and metrics["test/judged_accuracy_4"] == 0.0
+    # prior samples: z ~ N(0, 1) split about evenly between the two classes: entropy near ln 2
+    assert metrics["test/sample_class_entropy"] == pytest.approx(math.log(2), abs=0.01)
+    assert judge.judge_metrics(the_judge, stub, test, seed=0) == (metrics, drawn)  # its own random stream
+
+
+def test_the_judge_is_stored_once_and_reused(tmp_path, digits, monkeypatch):
+    x, y, _ = digits
+    splits = {"train": (x[:150], y[:150]), "val": (x[150:], y[150:]), "test": to_tensors(*fake_digits(50, 1))}
+    client, experiment = evaluate.judges_experiment(f"sqlite:///{tmp_path}/mlflow.db", "study")
+    calls = []
+    original = judge.fit
+    monkeypatch.setattr(judge, "fit", lambda *a, **k: calls.append(1) or original(*a, **k))
+    first = judge.load_or_train(client, experiment, "mnist", splits, epochs=3)
+    again = judge.load_or_train(client, experiment, "mnist", splits, epochs=3)
+    assert calls == [1]  # trained once, then loaded
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    (run,) = client.search_runs([experiment])
+    assert run.info.run_name == "judge-mnist"
+    assert run.data.metrics["test/accuracy"] == pytest.approx(judge.accuracy(first, *splits["test"]))
+    judge.load_or_train(client, experiment, "mnist", splits, epochs=4)  # another recipe: another judge
+    assert calls == [1, 1]
+
+
+def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose_tiny(tmp_path, tiny_root, "model=mlp2", "model.hidden=[64]", "trainer.max_epochs=1")
+    with monkeypatch.context() as before:
+        before.setattr(evaluate, "PARTS", {"evaluation": evaluate.PARTS["evaluation"]})
+        before.setattr(evaluate, "EVAL_VERSION", "1")
+        result = train(cfg)
+    client = store(tmp_path)
+    run = client.get_run(result["run_id"])
+    assert "test/judged_accuracy" not in run.data.metrics and run.data.tags["eval_version"] == "1"
+    knn = run.data.metrics["test/knn_accuracy"]
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    args = ["--tracking-uri", uri, "--data-root", str(tiny_root), "model.name=mlp2"]
+    assert evaluate.backfill(uri, "vae_sweeps", {"model.name": "mlp3"}, str(tiny_root), dry_run=True) == 0
+    evaluate.main(args)
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["eval_version"] == evaluate.EVAL_VERSION == run.data.tags["eval_backfilled"]
+    assert 0 <= run.data.metrics["test/judged_accuracy"] <= 1
+    drawn = run.data.tags["classes_drawn"]
+    assert (len(drawn.split()) if drawn != "none" else 0) == run.data.metrics["test/classes_drawn"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/judged_accuracy")] == [1]
+    assert run.data.metrics["test/knn_accuracy"] == knn  # the part it had is left alone
+    evaluate.main(args)  # idempotent: nothing left to do
+    assert len(client.get_metric_history(run.info.run_id, "test/judged_accuracy")) == 1
+    assert [r.info.run_id for r in all_runs(tmp_path)] == [result["run_id"]]
