@@ -6,7 +6,8 @@ PY ?= $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ARGS ?=
 # The MLflow server of `make server` / `make ui`: loopback only unless HOST says otherwise;
-# BACKEND may be a PostgreSQL URI (postgresql://user:password@host/db) as well.
+# BACKEND may be a PostgreSQL URI (postgresql+psycopg://user:password@host/db; psycopg 3 comes with
+# the `server` extra that make install installs) as well; scripts/postgres-local.sh tries one.
 BACKEND ?= sqlite:///mlruns/mlflow.db
 ARTIFACTS ?= mlruns/artifacts
 HOST ?= 127.0.0.1
@@ -28,11 +29,11 @@ run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install: ## Create .venv and install torch, the project (editable) and the test tools
+install: ## Create .venv and install torch, the project (editable), the test tools and the PostgreSQL driver
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,server]"
 
 train: ## Train the default job (mlp3, bce, latent 2, c=1, MNIST); ARGS="model=cnn ..." to change it
 	$(PY) -m vae_sweeps $(ARGS)

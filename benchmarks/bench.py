@@ -13,7 +13,8 @@ on the same in-memory MNIST, in one process:
 Validation is off in all three, so each epoch is the same training work. Printed: seconds per
 epoch (median after a warm-up epoch), images per second, A/B and C/A, the test loss of A and B
 after the same epochs, peak resident memory, one epoch of mlp3 and cnn at latent dim 2, and
-on request the CNN variants (with a profile) and a sweep's throughput, serial against joblib.
+on request the CNN variants (with a profile) and a sweep's throughput in jobs per minute, serial
+against parallel jobs (on a GPU: jobs_per_gpu = 2, 4 and 8 jobs sharing it).
 """
 
 from __future__ import annotations
@@ -219,22 +220,53 @@ def cnn_variants(device: torch.device, images: torch.Tensor, steps: int) -> None
     print(f"  oneDNN (mkldnn) enabled: {torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled}")
 
 
-def sweep_throughput(tmp: Path, data_root: str, epochs: int, tiny: bool) -> None:
-    """Wall time of the Table 1 grid (1 seed), serial against 2 joblib jobs splitting the cores."""
-    common = ["experiment=table1", "seed=0", f"trainer.max_epochs={epochs}", f"data.root={data_root}",
-              "force=true", *(["+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2"] if tiny else [])]
-    walls = {}
-    for name, extra in [("serial", []), ("joblib, 2 jobs", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])]:
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "vae_sweeps", *common, *extra,
-                        f"tracking.uri=sqlite:///{tmp}/sweep-{len(walls)}/mlflow.db",
-                        f"hydra.sweep.dir={tmp}/sweep-{len(walls)}"],
-                       check=True, capture_output=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-        walls[name] = time.perf_counter() - start
-    print(f"\nSweep throughput, Table 1 grid (4 jobs, 1 seed, {epochs} epoch(s) each), whole command:")
+def time_sweep(tmp: Path, overrides: list[str], env: dict[str, str]) -> float:
+    """Seconds of one whole sweep command (start-up, data, training, evaluation, figures,
+    tracking), into a store of its own."""
+    out = tmp / f"sweep-{len(list(tmp.glob('sweep-*')))}"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "vae_sweeps", *overrides, f"tracking.uri=sqlite:///{out}/mlflow.db",
+                    f"hydra.sweep.dir={out}"], check=True, capture_output=True,
+                   env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    return time.perf_counter() - start
+
+
+def one_gpu(device: torch.device) -> dict[str, str]:
+    """The environment in which a sweep sees only ``device``'s GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    index = device.index or 0
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": visible.split(",")[index] if visible else str(index)}
+
+
+def sweep_throughput(tmp: Path, data_root: str, device: torch.device, tiny: bool) -> None:
+    """Jobs per minute of the Table 1 grid at 1 epoch per job, whole commands, serial against
+    parallel jobs. On the CPU: 2 joblib jobs splitting the cores. On a GPU: jobs_per_gpu = 2,
+    4 and 8 jobs sharing one GPU (hydra/launcher=joblib_gpu), over 2 seeds so that 8 jobs can
+    run at once. The tiny mode also runs jobs_per_gpu=2 on the CPU, where it means one job at
+    a time, so that the GPU path cannot rot; it trains 5 batches per job and evaluates log p(x)
+    with 1 sample instead of 50."""
+    gpu = device.type == "cuda"
+    seeds = 2 if gpu and not tiny else 1
+    jobs = 4 * seeds
+    tiny_job = ["+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2", "eval.iw_samples=1"]
+    common = ["experiment=table1", f"seed={','.join(map(str, range(seeds)))}", "trainer.max_epochs=1",
+              f"trainer.accelerator={device.type}", f"data.root={data_root}", "force=true", *(tiny_job if tiny else [])]
+    if gpu:
+        parallel = [(f"jobs_per_gpu={k}", ["hydra/launcher=joblib_gpu", f"jobs_per_gpu={k}"])
+                    for k in ((2,) if tiny else (2, 4, 8))]
+    else:
+        parallel = [("joblib, 2 jobs", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])]
+        if tiny:
+            parallel.append(("jobs_per_gpu=2", ["hydra/launcher=joblib_gpu", "jobs_per_gpu=2"]))
+    env = one_gpu(device) if gpu else dict(os.environ)
+    walls = {name: time_sweep(tmp, [*common, *extra], env) for name, extra in [("serial", []), *parallel]}
+    where = "one GPU" if gpu else "the CPU"
+    print(f"\nSweep throughput on {where}, Table 1 grid ({jobs} jobs: 4 models x {seeds} seed(s), 1 epoch each), "
+          "whole command:")
     for name, wall in walls.items():
-        print(f"  {name:<16} {wall:7.1f} s")
-    print(f"  serial / joblib: x{walls['serial'] / walls['joblib, 2 jobs']:.2f}")
+        print(f"  {name:<16} {wall:7.1f} s  {jobs / wall * 60:6.1f} jobs/min   x{walls['serial'] / wall:.2f}")
+    if not gpu and tiny:
+        print("  (jobs_per_gpu runs one job at a time without a GPU: it only checks the path here)")
 
 
 def main() -> None:
@@ -244,7 +276,8 @@ def main() -> None:
     parser.add_argument("--data-root", default=os.environ.get("VAE_SWEEPS_DATA_DIR", "data"))
     parser.add_argument("--tiny", action="store_true", help="one short epoch of everything: a smoke test")
     parser.add_argument("--cnn-variants", action="store_true", help="profile the CNN and time its variants")
-    parser.add_argument("--sweep", action="store_true", help="time the Table 1 grid serial against joblib")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the Table 1 grid serial against joblib (on a GPU: jobs_per_gpu = 2, 4, 8)")
     args = parser.parse_args()
     device = torch.device(args.device)
     epochs, limit = (2, 5) if args.tiny else (args.epochs, None)
@@ -301,7 +334,7 @@ def main() -> None:
         if args.cnn_variants:
             cnn_variants(device, train, 10 if args.tiny else 60)
         if args.sweep:
-            sweep_throughput(tmp, args.data_root, 1, args.tiny)
+            sweep_throughput(tmp, args.data_root, device, args.tiny)
 
 
 if __name__ == "__main__":

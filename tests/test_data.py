@@ -1,130 +1,152 @@
-"""IDX files, downloads with checksums, and the in-memory DataModule."""
+"""Loading through torchvision with the project's checks and errors, and the in-memory DataModule."""
 
+import functools
 import gzip
 import hashlib
+import http.server
 import os
-import struct
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import BATCH, N_TEST, N_TRAIN, VAL_SIZE, idx_bytes, write_idx
+from conftest import BATCH, N_TEST, N_TRAIN, VAL_SIZE, fake_digits, idx_bytes, write_idx
+from torchvision import datasets
 
 from vae_sweeps import data
-from vae_sweeps.data import DATASETS, DatasetSpec, ImageDataModule, TensorBatches, download, ensure_files, read_idx
+from vae_sweeps.data import ImageDataModule, TensorBatches, load_arrays
 from vae_sweeps.errors import DataError
 
 REAL_ROOT = Path(os.environ.get("VAE_SWEEPS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+STEMS = data.STEMS
 
 
-# ---------------------------------------------------------------------------- IDX
+def write_mnist(root: Path, gz: bool = False, n_train: int = 8, n_test: int = 4) -> Path:
+    """Tiny MNIST files under root/MNIST/raw (plain, or gzipped only)."""
+    raw = root / "MNIST" / "raw"
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = fake_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{'.gz' if gz else ''}", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{'.gz' if gz else ''}", labels)
+    return raw
 
 
-@pytest.mark.parametrize("suffix", ["", ".gz"])
-def test_read_idx_plain_and_gzipped(tmp_path, suffix):
-    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    path = write_idx(tmp_path / f"images{suffix}", array)
-    np.testing.assert_array_equal(read_idx(path), array)
+# ---------------------------------------------------------------------------- files torchvision reads
 
 
-def test_read_idx_reads_the_published_layout(tmp_path):
-    path = tmp_path / "labels"
-    path.write_bytes(b"\x00\x00\x08\x01" + struct.pack(">I", 3) + bytes([7, 2, 1]))
-    result = read_idx(path)
-    assert result.shape == (3,) and result.tolist() == [7, 2, 1]
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzipped only"])
+def test_files_plain_or_gzipped_load_through_torchvision(tmp_path, gz):
+    raw = write_mnist(tmp_path, gz=gz)
+    arrays = load_arrays("mnist", tmp_path, download_missing=False)
+    images, labels = fake_digits(8, 0)
+    np.testing.assert_array_equal(arrays["train"][0], images)
+    assert arrays["train"][1].tolist() == labels.tolist() and arrays["test"][0].shape == (4, 28, 28)
+    assert all((raw / stem).is_file() for stem in STEMS)  # torchvision's layout: the plain files
+    assert not list(raw.glob(".*part"))
 
 
-@pytest.mark.parametrize("gz", [False, True])
-def test_truncated_file_is_a_clear_error(tmp_path, gz):
-    full = idx_bytes(np.ones((4, 28, 28)))
-    cut = full[:-100]
-    path = tmp_path / ("short.gz" if gz else "short")
-    path.write_bytes(gzip.compress(cut) if gz else cut)
-    with pytest.raises(DataError, match=r"truncated: 3052 bytes, but a \(4, 28, 28\) array needs 3152"):
-        read_idx(path)
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzipped"])
+def test_a_truncated_file_is_a_clear_error(tmp_path, gz):
+    raw = write_mnist(tmp_path)
+    cut = idx_bytes(np.ones((4, 28, 28)))[:-100]
+    target = raw / "t10k-images-idx3-ubyte"
+    if gz:
+        target.unlink()
+        target = raw / "t10k-images-idx3-ubyte.gz"
+    target.write_bytes(gzip.compress(cut) if gz else cut)
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte is truncated: 3052 bytes, but a \(4, 28, 28\) "
+                                        r"array needs 3152"):
+        load_arrays("mnist", tmp_path, download_missing=False)
 
 
-def test_truncated_gzip_stream_is_a_clear_error(tmp_path):
-    path = tmp_path / "broken.gz"
-    path.write_bytes(gzip.compress(idx_bytes(np.ones((4, 28, 28))))[:-20])
-    with pytest.raises(DataError, match="damaged gzip file"):
-        read_idx(path)
+@pytest.mark.parametrize("cut", [-20, 30], ids=["end", "start"])
+def test_a_damaged_gzip_stream_is_a_clear_error_and_leaves_nothing(tmp_path, cut):
+    raw = write_mnist(tmp_path, gz=True)
+    packed = gzip.compress(idx_bytes(np.ones((4, 28, 28))))
+    damaged = packed[:cut] if cut < 0 else packed[:cut] + bytes(len(packed) - cut)  # zeros from byte 30 on
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(damaged)
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz is a damaged gzip file"):
+        load_arrays("mnist", tmp_path, download_missing=False)
+    assert not (raw / "t10k-images-idx3-ubyte").exists() and not list(raw.glob(".*part"))
 
 
-def test_bad_magic_is_a_clear_error(tmp_path):
-    path = tmp_path / "not-idx"
-    path.write_bytes(b"PK\x03\x04" + bytes(100))
-    with pytest.raises(DataError, match="magic number is 0x504b0304"):
-        read_idx(path)
+def test_a_foreign_file_is_a_clear_error(tmp_path):
+    raw = write_mnist(tmp_path)
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte is not an IDX file of unsigned bytes: its magic "
+                                        "number is 0x504b0304"):
+        load_arrays("mnist", tmp_path, download_missing=False)
 
 
-def test_header_cut_short_is_a_clear_error(tmp_path):
-    path = tmp_path / "header"
-    path.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">I", 60000))
+def test_a_header_cut_short_is_a_clear_error(tmp_path):
+    raw = write_mnist(tmp_path)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + (60000).to_bytes(4, "big"))
     with pytest.raises(DataError, match="truncated inside its header"):
-        read_idx(path)
+        load_arrays("mnist", tmp_path, download_missing=False)
 
 
-# ---------------------------------------------------------------------------- download
+def test_labels_that_do_not_match_the_images_are_a_clear_error(tmp_path):
+    raw = write_mnist(tmp_path)
+    write_idx(raw / "train-labels-idx1-ubyte", np.zeros(7))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte holds labels of shape \(7,\), expected \(8,\)"):
+        load_arrays("mnist", tmp_path, download_missing=False)
+
+
+# ---------------------------------------------------------------------------- downloads (torchvision's)
 
 
 @pytest.fixture
 def mirror(tmp_path, monkeypatch):
-    """A local mirror (file:// URLs) serving tiny gz files; DATASETS["mnist"] points at it."""
+    """A local HTTP mirror (127.0.0.1) of tiny gz files, with their MD5s as torchvision's resources."""
     served = tmp_path / "mirror"
-    md5 = {}
-    for stem, shape in [("train-images-idx3-ubyte", (8, 28, 28)), ("train-labels-idx1-ubyte", (8,)),
-                        ("t10k-images-idx3-ubyte", (4, 28, 28)), ("t10k-labels-idx1-ubyte", (4,))]:
-        path = write_idx(served / f"{stem}.gz", np.zeros(shape))
-        md5[stem] = hashlib.md5(path.read_bytes()).hexdigest()
-    spec = DatasetSpec("MNIST", (served.as_uri() + "/",), md5, DATASETS["mnist"].classes)
-    monkeypatch.setitem(data.DATASETS, "mnist", spec)
-    return served
+    write_mnist(served, gz=True)
+    files = served / "MNIST" / "raw"
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(files))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    resources = [(f"{stem}.gz", hashlib.md5((files / f"{stem}.gz").read_bytes()).hexdigest()) for stem in STEMS]
+    monkeypatch.setattr(datasets.MNIST, "mirrors", [f"http://127.0.0.1:{server.server_address[1]}/"])
+    monkeypatch.setattr(datasets.MNIST, "resources", resources)
+    yield files
+    server.shutdown()
 
 
 def test_missing_files_are_downloaded_and_checked(tmp_path, mirror):
     root = tmp_path / "root"
-    files = ensure_files("mnist", root)
-    assert sorted(p.name for p in files.values()) == sorted(p.name for p in mirror.iterdir())
-    assert read_idx(files["train-images-idx3-ubyte"]).shape == (8, 28, 28)
-    assert not list((root / "MNIST" / "raw").glob(".*part"))
+    arrays = load_arrays("mnist", root)
+    assert arrays["train"][0].shape == (8, 28, 28)
+    assert all((root / "MNIST" / "raw" / stem).is_file() for stem in STEMS)
 
 
-def test_a_download_that_fails_its_checksum_leaves_no_file(tmp_path, mirror):
-    good = mirror / "t10k-labels-idx1-ubyte.gz"
-    dest = tmp_path / "root" / "t10k-labels-idx1-ubyte.gz"
-    with pytest.raises(DataError, match="checksum mismatch"):
-        download([good.as_uri()], dest, md5="0" * 32)
-    assert list(dest.parent.iterdir()) == []
-
-
-def test_the_next_mirror_is_tried_after_a_failure(tmp_path, mirror):
-    good = mirror / "t10k-labels-idx1-ubyte.gz"
-    dest = tmp_path / "root" / good.name
-    download([(tmp_path / "nowhere.gz").as_uri(), good.as_uri()], dest, hashlib.md5(good.read_bytes()).hexdigest())
-    assert dest.read_bytes() == good.read_bytes()
+def test_a_download_that_fails_its_checksum_is_a_clear_error(tmp_path, mirror, monkeypatch):
+    monkeypatch.setattr(datasets.MNIST, "resources", [(f"{stem}.gz", "0" * 32) for stem in STEMS])
+    root = tmp_path / "root"
+    with pytest.raises(DataError) as err:
+        load_arrays("mnist", root)
+    assert "could not be loaded" in str(err.value) and "data.root=" in str(err.value)
+    assert not (root / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
 
 
 def test_unreachable_mirrors_name_the_missing_files_the_folder_and_the_fix(tmp_path, monkeypatch):
-    spec = DatasetSpec("MNIST", ((tmp_path / "offline").as_uri() + "/",), DATASETS["mnist"].md5, ())
-    monkeypatch.setitem(data.DATASETS, "mnist", spec)
+    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # nothing listens there
     root = tmp_path / "root"
     write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(8))
     with pytest.raises(DataError) as err:
-        ensure_files("mnist", root)
+        load_arrays("mnist", root)
     message = str(err.value)
+    assert "\n" not in message  # one paragraph
     for expected in ["train-images-idx3-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte",
-                     str((root / "MNIST" / "raw").resolve()), "Downloading failed", "data.root=",
+                     str((root / "MNIST" / "raw").resolve()), "Error downloading", "data.root=",
                      "VAE_SWEEPS_DATA_DIR"]:
         assert expected in message
-    assert "train-labels" not in message.split("are missing")[0]
-    assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == ["train-labels-idx1-ubyte"]
+    assert "train-labels" not in message.split("could not be loaded")[0]
 
 
 def test_download_off_says_so(tmp_path):
     with pytest.raises(DataError, match=r"Downloading is off \(data.download=false\)"):
-        ensure_files("fashion_mnist", tmp_path, download_missing=False)
+        load_arrays("fashion_mnist", tmp_path, download_missing=False)
 
 
 # ---------------------------------------------------------------------------- the DataModule
@@ -138,8 +160,7 @@ def test_datamodule_splits_and_pixels(tiny_root):
     test_x, _ = dm.splits["test"]
     assert train_x.shape == (N_TRAIN - VAL_SIZE, 1, 28, 28) and train_x.dtype == torch.float32
     assert val_x.shape == (VAL_SIZE, 1, 28, 28) and test_x.shape == (N_TEST, 1, 28, 28)
-    raw = read_idx(tiny_root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz")
-    labels = read_idx(tiny_root / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz")
+    raw, labels = fake_digits(N_TRAIN, 0)
     # validation = the last VAL_SIZE training images, scaled to [0, 1]
     np.testing.assert_allclose(val_x[:, 0].numpy(), raw[-VAL_SIZE:] / 255.0, rtol=1e-6)
     assert val_y.tolist() == labels[-VAL_SIZE:].tolist()
@@ -147,15 +168,15 @@ def test_datamodule_splits_and_pixels(tiny_root):
     assert dm.classes[3] == "3"
 
 
-def test_shuffled_batches_hold_every_row_once_in_a_seeded_order():
+def test_shuffled_batches_hold_every_row_once_in_an_order_of_seed_and_epoch():
     rows = torch.arange(10)
     images = rows.float().view(10, 1, 1, 1)
 
-    def passes(seed, n=2):
-        batches = TensorBatches(images, rows, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    def orders(seed, epochs):
+        batches = TensorBatches(images, rows, batch_size=3, shuffle=True, seed=seed, epoch=lambda: epochs.pop(0))
         assert len(batches) == 4
         out = []
-        for _ in range(n):
+        while epochs:
             pass_ = list(batches)
             assert [len(y) for _, y in pass_] == [3, 3, 3, 1]
             order = torch.cat([y for _, y in pass_])
@@ -164,10 +185,11 @@ def test_shuffled_batches_hold_every_row_once_in_a_seeded_order():
             out.append(order)
         return out
 
-    first, again = passes(0), passes(0)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not torch.equal(first[0], first[1])  # a new permutation each pass
-    assert not torch.equal(first[0], passes(1)[0])
+    first = orders(0, [0, 1, 2])
+    assert all(torch.equal(a, b) for a, b in zip(first, orders(0, [0, 1, 2])))
+    assert not torch.equal(first[0], first[1])  # a new permutation each epoch
+    assert torch.equal(orders(0, [2])[0], first[2])  # epoch 2 alone (a resumed run) = epoch 2 after 0 and 1
+    assert not torch.equal(first[0], orders(1, [0])[0])
 
 
 def test_datamodule_training_order_depends_only_on_the_seed(tiny_root):
@@ -197,7 +219,7 @@ def test_val_size_must_leave_training_images(tiny_root):
 
 @pytest.mark.skipif(not (REAL_ROOT / "MNIST" / "raw").is_dir(), reason="the real MNIST is not at VAE_SWEEPS_DATA_DIR")
 def test_the_real_mnist():
-    arrays = data.load_arrays("mnist", REAL_ROOT, download_missing=False)
+    arrays = load_arrays("mnist", REAL_ROOT, download_missing=False)
     (train_x, train_y), (test_x, test_y) = arrays["train"], arrays["test"]
     assert train_x.shape == (60000, 28, 28) and test_x.shape == (10000, 28, 28)
     assert train_y[:5].tolist() == [5, 0, 4, 1, 9] and test_y[:3].tolist() == [7, 2, 1]

@@ -18,7 +18,9 @@ from conftest import (CONF_DIR, ROOT, all_runs, compose_tiny, job_env, prepared_
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from vae_sweeps import tracking
+from mlflow.entities import Param
+
+from vae_sweeps import identity, tracking
 from vae_sweeps.report import build_report
 from vae_sweeps.train import EpochEnd, train
 
@@ -135,11 +137,11 @@ def test_a_run_left_running_by_a_dead_process_is_closed(make_cfg, tmp_path):
     cfg = make_cfg("trainer.max_epochs=1", *SMALL)
     client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    digest = tracking.config_hash(cfg)
-    orphan = client.create_run(experiment_id, tags={"config_hash": digest, "host": socket.gethostname(),
-                                                    "pid": dead.stdout.strip()}).info.run_id
-    elsewhere = client.create_run(experiment_id, tags={"config_hash": digest, "host": "another-node",
-                                                       "pid": "1"}).info.run_id
+    params = [Param(k, v) for k, v in identity.params(cfg).items()]
+    orphan = client.create_run(experiment_id, tags={"host": socket.gethostname(), "pid": dead.stdout.strip()}).info.run_id
+    elsewhere = client.create_run(experiment_id, tags={"host": "another-node", "pid": "1"}).info.run_id
+    for run_id in (orphan, elsewhere):
+        client.log_batch(run_id, params=params)
     result = train(cfg)
     assert client.get_run(orphan).info.status == "FAILED"
     assert "ended without closing the run" in client.get_run(orphan).data.tags["error"]
@@ -272,7 +274,7 @@ def test_runs_log_to_the_make_server_over_http(tmp_path, tiny_root, monkeypatch)
 def test_no_secret_or_environment_value_becomes_a_param(make_cfg, tmp_path, tiny_root, monkeypatch):
     monkeypatch.setenv("VAE_SWEEPS_DATA_DIR", str(tiny_root))
     cfg = make_cfg("tracking.uri=postgresql://alice:s3cret-pw@db.example/mlflow", "data.root=${oc.env:VAE_SWEEPS_DATA_DIR}")
-    params = tracking.flat_params(cfg)
+    params = identity.params(cfg)
     assert not any("s3cret" in v or str(tiny_root) in v for v in params.values())
     assert not any(k.startswith(("tracking", "paths")) or k in ("data.root", "force") for k in params)
     text = tracking.config_yaml(cfg)

@@ -125,3 +125,32 @@ def test_mlflow_tracking_uri_wins_over_the_config(make_cfg, tmp_path, monkeypatc
     assert all_runs(tmp_path) == []
     run = MlflowClient(f"sqlite:///{other}/mlflow.db").get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["model.name"] == "mlp2"
+
+
+def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, tiny_root, monkeypatch):
+    """Interrupted after epoch 1 and resumed, a run must end with the numbers of a run that never
+    stopped: the data order is a function of (seed, epoch) and the random state is restored."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = ("trainer.max_epochs=3", "model=mlp2", "model.hidden=[64]", "seed=3", "eval.iw_samples=5")
+    straight = train(compose_tiny(tmp_path / "straight", tiny_root, *overrides))
+
+    def stop_at_epoch_2(self):
+        if self.current_epoch == 1:
+            raise KeyboardInterrupt("stopped for the test")
+
+    cfg = compose_tiny(tmp_path / "resumed", tiny_root, *overrides)
+    with monkeypatch.context() as patch:
+        patch.setattr(VAEModule, "on_train_epoch_start", stop_at_epoch_2)
+        with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns Ctrl-C into exit 1
+            train(cfg)
+    (killed,) = all_runs(tmp_path / "resumed")
+    assert killed.info.status == "KILLED" and killed.data.tags["resume_from_epoch"] == "1"
+    resumed = train(cfg)
+    assert resumed["run_id"] == killed.info.run_id
+    client = store(tmp_path / "resumed")
+    assert [m.step for m in client.get_metric_history(resumed["run_id"], "train/loss")] == [1, 2, 3]
+    for key in ("test/loss", "test/recon", "test/kl", "test/elbo", "test/log_px"):
+        assert resumed[key] == pytest.approx(straight[key], abs=0.01), key
+    last = {run["run_id"]: store(tmp_path / name).get_run(run["run_id"]).data.metrics["train/loss"]
+            for name, run in (("straight", straight), ("resumed", resumed))}
+    assert last[resumed["run_id"]] == pytest.approx(last[straight["run_id"]], abs=0.01)

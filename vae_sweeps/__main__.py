@@ -7,7 +7,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from vae_sweeps import devices
 from vae_sweeps.errors import UserError
+
+devices.register_resolver()  # ${jobs_at_once:...} of hydra/launcher=joblib_gpu, before Hydra composes
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

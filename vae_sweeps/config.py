@@ -20,37 +20,6 @@ from vae_sweeps.module import OPTIMIZERS
 from vae_sweeps.priors import KL_ESTIMATORS, PRIORS
 
 
-# Settings that do not change a run's results. They are left out of its identity, which is
-# used to drop duplicate jobs of a sweep and to group runs in the report.
-NOT_RESULTS = ("hydra", "paths", "tracking", "tags", "force", "threads", "data.root", "data.download",
-               "trainer.enable_progress_bar", "trainer.enable_model_summary")
-
-
-def flatten(cfg: DictConfig, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
-    """The resolved config as flat ``group.key`` strings, without the keys in ``leave_out``
-    (a section name leaves out the whole section)."""
-    flat: dict[str, str] = {}
-
-    def walk(node, prefix: str) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if name in leave_out:
-                continue
-            if isinstance(value, dict):
-                walk(value, f"{name}.")
-            else:
-                flat[name] = str(value)
-
-    sections = [key for key in cfg if key not in leave_out]  # unresolvable ones (hydra) stay out
-    walk(OmegaConf.to_container(OmegaConf.masked_copy(cfg, sections), resolve=True), "")
-    return flat
-
-
-def result_settings(cfg: DictConfig) -> dict[str, str]:
-    """The flat settings that define what a run computes (seed included)."""
-    return flatten(cfg, NOT_RESULTS)
-
-
 def _plain(value):
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 

@@ -1,193 +1,133 @@
-"""The dataset axis: MNIST and Fashion-MNIST from their IDX files, held in memory.
+"""The dataset axis: MNIST and Fashion-MNIST through torchvision, held in memory.
 
-Files live in torchvision's layout, ``<root>/MNIST/raw/`` and ``<root>/FashionMNIST/raw/``,
-gzipped or not. Missing files are downloaded from the canonical mirrors and checked
-against their published MD5 before they are kept. The whole dataset is one float32 tensor
-in [0, 1] (on the GPU when training runs there) and batches are sliced from it.
+torchvision finds, downloads (from its mirrors, each file checked against its published MD5)
+and parses the files, in its layout ``<root>/MNIST/raw/`` and ``<root>/FashionMNIST/raw/``.
+On top of it this module keeps the project's one-paragraph errors: a ``.gz`` whose plain copy
+is missing is decompressed (torchvision reads only the plain files), every file's IDX header is
+checked against its size, and any failure names the file, where we looked and how to point at
+a copy. The whole dataset is then one float32 tensor in [0, 1] (on the GPU when training runs
+there) and batches are sliced from it.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
 import math
 import os
-import struct
+import shutil
 import tempfile
-import urllib.request
-from dataclasses import dataclass
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from torchvision import datasets
 
 from vae_sweeps.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# (images, labels) file stems of each split, as published.
+# The datasets of the data axis (conf/data/): torchvision classes with MNIST's file layout.
+DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+# (images, labels) file names of each split, as published (torchvision keeps them decompressed).
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+STEMS = tuple(stem for pair in SPLIT_FILES.values() for stem in pair)
 IMAGE_SIZE = 28
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    folder: str  # torchvision's folder name under the data root
-    mirrors: tuple[str, ...]  # base URLs holding "<stem>.gz"
-    md5: dict[str, str]  # MD5 of each published .gz file
-    classes: tuple[str, ...]
-
-
-DATASETS = {
-    "mnist": DatasetSpec(
-        folder="MNIST",
-        mirrors=(
-            "https://ossci-datasets.s3.amazonaws.com/mnist/",
-            "http://yann.lecun.com/exdb/mnist/",
-        ),
-        md5={
-            "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
-            "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
-            "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
-        },
-        classes=tuple(str(digit) for digit in range(10)),
-    ),
-    "fashion_mnist": DatasetSpec(
-        folder="FashionMNIST",
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        md5={
-            "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-            "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
-            "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
-            "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
-        },
-        classes=(
-            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-        ),
-    ),
-}
-
-
-# ---------------------------------------------------------------------------- IDX files
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file of unsigned bytes (gzipped or not) into an array of its shape."""
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError) as err:
-            raise DataError(f"{path} is a damaged gzip file ({err}); delete it and download it again.") from err
-    if len(raw) < 4:
-        raise DataError(f"{path} is truncated: {len(raw)} bytes, shorter than an IDX header.")
-    if raw[:3] != b"\x00\x00\x08" or raw[3] == 0:
-        raise DataError(
-            f"{path} is not an IDX file of unsigned bytes: its magic number is 0x{raw[:4].hex()}, "
-            "expected 0x000008NN (NN = number of dimensions)."
-        )
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated inside its header ({len(raw)} of {header} bytes).")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + math.prod(shape)
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "longer than its header says"
-        raise DataError(f"{path} is {what}: {len(raw)} bytes, but a {shape} array needs {expected}.")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
-
-
-# ---------------------------------------------------------------------------- finding and downloading
+def classes(name: str) -> tuple[str, ...]:
+    """Short class names: "0" .. "9" for MNIST (torchvision says "0 - zero"), Fashion's as they are."""
+    return tuple(label.split(" - ")[0] for label in DATASETS[name].classes)
 
 
 def raw_dir(name: str, root: str | Path) -> Path:
-    return Path(root) / DATASETS[name].folder / "raw"
+    return Path(root) / DATASETS[name].__name__ / "raw"
 
 
-def find_file(folder: Path, stem: str) -> Path | None:
-    """The file ``stem`` or ``stem.gz`` in ``folder``, whichever exists (plain first)."""
-    for candidate in (folder / stem, folder / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
+# ---------------------------------------------------------------------------- checks on top of torchvision
 
 
-def download(urls: list[str], dest: Path, md5: str) -> None:
-    """Fetch the first URL that works into ``dest``, kept only if its MD5 matches.
-
-    The bytes go to a temporary file beside ``dest`` that is renamed into place once checked,
-    so an interrupted or corrupt download never leaves a file that looks complete.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    failures = []
-    for url in urls:
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        tmp = Path(tmp_name)
-        try:
-            log.info("Downloading %s", url)
-            digest = hashlib.md5()
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-            if digest.hexdigest() != md5:
-                raise DataError(f"checksum mismatch: MD5 {digest.hexdigest()}, expected {md5}")
-            os.replace(tmp, dest)
-            return
-        except (OSError, DataError) as err:  # URLError and timeouts are OSErrors
-            failures.append(f"{url}: {err}")
-        finally:
-            tmp.unlink(missing_ok=True)
-    raise DataError(f"Could not download {dest.name}: " + "; ".join(failures))
+def decompress(gz: Path) -> Path:
+    """Write the plain copy of ``gz`` beside it (through a temporary file, so a failure leaves
+    nothing that looks complete)."""
+    plain = gz.with_suffix("")
+    fd, tmp = tempfile.mkstemp(dir=gz.parent, prefix=f".{plain.name}.", suffix=".part")
+    try:
+        with gzip.open(gz, "rb") as source, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out)
+        os.replace(tmp, plain)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{gz} is a damaged gzip file ({err}); delete it and download it again "
+                        "(or copy a good one there).") from err
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return plain
 
 
-def ensure_files(name: str, root: str | Path, download_missing: bool = True) -> dict[str, Path]:
-    """Paths of the four files of dataset ``name`` under ``root``, downloading what is missing."""
-    spec = DATASETS[name]
-    folder = raw_dir(name, root)
-    stems = [stem for pair in SPLIT_FILES.values() for stem in pair]
-    missing = [stem for stem in stems if find_file(folder, stem) is None]
-    failures = []
-    if missing and download_missing:
-        for stem in missing:
-            try:
-                download([f"{base}{stem}.gz" for base in spec.mirrors], folder / f"{stem}.gz", spec.md5[stem])
-            except DataError as err:
-                failures.append(str(err))
-        missing = [stem for stem in missing if find_file(folder, stem) is None]
-    if missing:
-        why = f" Downloading failed: {' '.join(failures)}" if failures else " Downloading is off (data.download=false)."
-        raise DataError(
-            f"The {name} files {', '.join(missing)} (with or without .gz) are missing from {folder.resolve()}."
-            f"{why} If you have a local copy, point the data root at the folder that holds "
-            f"{spec.folder}/raw/: data.root=/path/to/datasets on the command line, or "
-            "VAE_SWEEPS_DATA_DIR=/path/to/datasets in the environment."
-        )
-    return {stem: find_file(folder, stem) for stem in stems}
+def check_idx(path: Path) -> None:
+    """Raise DataError unless ``path`` starts with an IDX header of unsigned bytes whose shape
+    matches the file's size (a truncated or foreign file would otherwise fail inside torchvision)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(4 + 4 * 3)
+    if len(head) < 4:
+        raise DataError(f"{path} is truncated: {size} bytes, shorter than an IDX header.")
+    if head[:3] != b"\x00\x00\x08" or not 1 <= head[3] <= 3:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes: its magic number is 0x{head[:4].hex()}, "
+                        "expected 0x0000080N (N = 1 to 3 dimensions).")
+    header = 4 + 4 * head[3]
+    if len(head) < header:
+        raise DataError(f"{path} is truncated inside its header ({size} of {header} bytes).")
+    shape = tuple(int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(head[3]))
+    expected = header + math.prod(shape)
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise DataError(f"{path} is {what}: {size} bytes, but a {shape} array needs {expected}.")
+
+
+def _where_to_point(name: str) -> str:
+    return (f"If you have a local copy, point the data root at the folder that holds {DATASETS[name].__name__}/raw/: "
+            "data.root=/path/to/datasets on the command line, or VAE_SWEEPS_DATA_DIR=/path/to/datasets in the "
+            "environment.")
 
 
 def load_arrays(name: str, root: str | Path, download_missing: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{"train": (images, labels), "test": (images, labels)} as uint8 arrays, shapes checked."""
-    files = ensure_files(name, root, download_missing)
+    """{"train": (images, labels), "test": (images, labels)} as uint8 arrays, read by torchvision.
+
+    Raises DataError, one paragraph naming the file and the fix, for missing files that cannot
+    be downloaded, damaged gzip files, and files whose IDX header does not match their size.
+    """
+    folder = raw_dir(name, root)
+    for stem in STEMS:
+        plain, gz = folder / stem, folder / f"{stem}.gz"
+        if not plain.is_file() and gz.is_file():
+            decompress(gz)
+        if plain.is_file():
+            check_idx(plain)
+    missing = [stem for stem in STEMS if not (folder / stem).is_file()]
+    if missing and not download_missing:
+        raise DataError(f"The {name} files {', '.join(missing)} (with or without .gz) are missing from "
+                        f"{folder.resolve()}. Downloading is off (data.download=false). {_where_to_point(name)}")
     splits = {}
-    for split, (image_stem, label_stem) in SPLIT_FILES.items():
-        images, labels = read_idx(files[image_stem]), read_idx(files[label_stem])
+    for split in SPLIT_FILES:
+        try:
+            dataset = DATASETS[name](str(root), train=split == "train", download=download_missing)
+        except Exception as err:  # torchvision: RuntimeError, URLError, or a parsing error
+            reason = " ".join(str(err).split())
+            raise DataError(f"The {name} files {', '.join(missing) or '(all present)'} could not be loaded into "
+                            f"{folder.resolve()}: {reason}. {_where_to_point(name)}") from err
+        images, labels = dataset.data.numpy(), dataset.targets.numpy()
+        image_file, label_file = (folder / stem for stem in SPLIT_FILES[split])
         if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise DataError(f"{files[image_stem]} holds an array of shape {images.shape}, expected (N, 28, 28).")
+            raise DataError(f"{image_file} holds an array of shape {images.shape}, expected (N, 28, 28).")
         if labels.shape != (len(images),):
-            raise DataError(
-                f"{files[label_stem]} holds labels of shape {labels.shape}, expected ({len(images)},) "
-                f"to match {files[image_stem].name}."
-            )
+            raise DataError(f"{label_file} holds labels of shape {labels.shape}, expected ({len(images)},) "
+                            f"to match {image_file.name}.")
         splits[split] = (images, labels)
     return splits
 
@@ -198,25 +138,35 @@ def load_arrays(name: str, root: str | Path, download_missing: bool = True) -> d
 class TensorBatches:
     """Batches sliced from tensors already in memory: no Dataset, no collation, no workers.
 
-    Shuffling draws one permutation per pass from its own seeded generator, so the order of
-    batches depends only on the seed.
+    With ``shuffle``, each pass draws its order from a generator seeded with (``seed``, the
+    pass's epoch), so the data order of an epoch is a function of the seed and the epoch alone:
+    a run resumed at epoch k sees the same batches as one that never stopped. ``epoch`` tells
+    the current epoch (the Trainer's); without it, passes are counted.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 shuffle: bool = False, generator: torch.Generator | None = None):
+                 shuffle: bool = False, seed: int = 0, epoch=None):
         self.images, self.labels = images, labels
-        self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.epoch, self.passes = epoch, 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.images) / self.batch_size)
 
+    def order(self, epoch: int) -> torch.Tensor:
+        """The permutation of epoch ``epoch``: the same for the same (seed, epoch)."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.images), generator=generator)
+
     def __iter__(self):
         n, size = len(self.images), self.batch_size
+        epoch = self.epoch() if self.epoch is not None else self.passes
+        self.passes += 1
         if not self.shuffle:
             for start in range(0, n, size):
                 yield self.images[start:start + size], self.labels[start:start + size]
             return
-        order = torch.randperm(n, generator=self.generator).to(self.images.device)
+        order = self.order(epoch).to(self.images.device)
         for start in range(0, n, size):
             index = order[start:start + size]
             yield self.images[index], self.labels[index]
@@ -236,13 +186,9 @@ class ImageDataModule(pl.LightningDataModule):
                  batch_size: int = 128, val_size: int = 5000, seed: int = 0):
         super().__init__()
         self.name, self.root, self.download = name, root, download
-        self.batch_size, self.val_size = batch_size, val_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.classes = DATASETS[name].classes
+        self.batch_size, self.val_size, self.seed = batch_size, val_size, seed
+        self.classes = classes(name)
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def prepare_data(self) -> None:
-        ensure_files(self.name, self.root, self.download)
 
     def load(self) -> None:
         """Read the files into memory once (idempotent); raises DataError on bad files."""
@@ -270,7 +216,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     def batches(self, split: str, shuffle: bool = False) -> TensorBatches:
         images, labels = self.splits[split]
-        return TensorBatches(images, labels, self.batch_size, shuffle, self.generator)
+        epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
+        return TensorBatches(images, labels, self.batch_size, shuffle, self.seed, epoch)
 
     def train_dataloader(self) -> TensorBatches:
         return self.batches("train", shuffle=True)

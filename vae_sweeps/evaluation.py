@@ -43,13 +43,13 @@ def log_weights(vae, x: torch.Tensor, k: int) -> torch.Tensor:
 def elbo_and_log_px(vae, images: torch.Tensor, k: int, batch: int = 200) -> tuple[float, float]:
     """Per-image means of the ELBO (the mean of the k log-weights) and of the importance-
     weighted bound log (1/k) sum_i w_i, which is at least the ELBO and grows towards
-    log p(x) with k."""
-    elbo, log_px = 0.0, 0.0
+    log p(x) with k. The per-image values stay on the device until the one read-back."""
+    elbo, log_px = [], []
     for x in images.split(batch):
         w = log_weights(vae, x, k)
-        elbo += w.mean(0).sum().item()
-        log_px += (torch.logsumexp(w, 0) - math.log(k)).sum().item()
-    return elbo / len(images), log_px / len(images)
+        elbo.append(w.mean(0))
+        log_px.append(torch.logsumexp(w, 0) - math.log(k))
+    return torch.cat(elbo).double().mean().item(), torch.cat(log_px).double().mean().item()
 
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> int:
@@ -62,13 +62,13 @@ def knn_accuracy(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Ten
                  k: int, batch: int = 500) -> float:
     """The share of test points whose k nearest training points (Euclidean) vote for their
     class; ties go to the smaller class index."""
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    correct = 0
+    classes = int(torch.maximum(train_y.max(), test_y.max())) + 1
+    correct = 0  # a count on the device, read once at the end
     for z, y in zip(test_z.split(batch), test_y.split(batch)):
         nearest = torch.cdist(z, train_z).topk(k, largest=False).indices
         votes = F.one_hot(train_y[nearest], classes).sum(1)
-        correct += (votes.argmax(1) == y).sum().item()
-    return correct / len(test_z)
+        correct = correct + (votes.argmax(1) == y).sum()
+    return int(correct) / len(test_z)
 
 
 def mean_gradient(images: torch.Tensor) -> torch.Tensor:
@@ -101,15 +101,15 @@ def evaluate(vae, splits: dict, iw_samples: int, knn_k: int, batch: int = 1000) 
 @torch.no_grad()
 def mixture_kls(vae, images: torch.Tensor, batch: int) -> dict[str, float]:
     """Per-image means of the three KL estimates, and the bounds' gaps to the MC one."""
-    sums = {"mc": 0.0, "bound": 0.0, "tight": 0.0}
+    per_image = {"mc": [], "bound": [], "tight": []}  # on the device until the read-back
     prior = vae.prior
     for x in images.split(batch):
         mu, logvar = vae.encode(x)
         z = vae.reparameterize(mu, logvar)
-        sums["mc"] += prior.kl_mc(mu, logvar, z).sum().item()
-        sums["bound"] += prior.kl_bound(mu, logvar).sum().item()
-        sums["tight"] += prior.kl_tight(mu, logvar).sum().item()
-    kls = {f"test/kl_{name}": total / len(images) for name, total in sums.items()}
+        per_image["mc"].append(prior.kl_mc(mu, logvar, z))
+        per_image["bound"].append(prior.kl_bound(mu, logvar))
+        per_image["tight"].append(prior.kl_tight(mu, logvar))
+    kls = {f"test/kl_{name}": torch.cat(values).double().mean().item() for name, values in per_image.items()}
     for name in ("bound", "tight"):
         kls[f"test/kl_{name}_gap"] = kls[f"test/kl_{name}"] - kls["test/kl_mc"]
     return kls

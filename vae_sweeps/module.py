@@ -18,6 +18,10 @@ OPTIMIZERS = {
 # GPU: the same update, about 25% less time per training step for the MLPs here (make bench).
 FUSED = {"adam", "adamw", "sgd"}
 METRICS = ("loss", "recon", "kl")
+# Training steps between two looks for a non-finite loss. A look reads one number back from
+# the device, which on a GPU waits for every step queued so far, so it is not done every step;
+# the end of each epoch looks too, before the epoch's checkpoint is saved.
+CHECK_EVERY = 100
 
 
 class NonFiniteLoss(RuntimeError):
@@ -36,7 +40,15 @@ class VAEModule(pl.LightningModule):
     ``trainer.gradient_clip_val`` and ``trainer.accumulate_grad_batches`` with a clear error.
     Its hyper-parameters are plain dicts (the ``model``, ``loss``, ``optim`` and ``prior``
     config groups), so a checkpoint loads with ``weights_only=True``.
+
+    A training step never waits for the device: a non-finite loss is noted on the device
+    (the first such step and its loss), and looked for every ``check_every`` steps and at
+    the end of each epoch, which raises NonFiniteLoss with the epoch and step where it first
+    appeared. Lightning calls the epoch-end hook before the checkpoint callback, so an
+    epoch with a NaN is never saved.
     """
+
+    check_every = CHECK_EVERY
 
     def __init__(self, model: dict, loss: dict, optim: dict, prior: dict | None = None):
         super().__init__()
@@ -46,6 +58,8 @@ class VAEModule(pl.LightningModule):
         self.vae = VAE(encoder, decoder, model["latent_dim"], recon=loss["name"], c=loss["c"],
                        prior=priors.build(prior or {"name": "standard"}, model["latent_dim"]))
         self.sums: dict[str, tuple[torch.Tensor, int]] = {}  # stage: (sums of METRICS, images)
+        self.bad_step: torch.Tensor | None = None  # the first step with a non-finite loss; 0: none yet
+        self.bad_loss: torch.Tensor | None = None  # that step's loss
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.vae(x)
@@ -67,12 +81,27 @@ class VAEModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
         loss = self._step(batch, "train")
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"train/loss is {loss.item()} at epoch {self.current_epoch + 1}, "
-                                f"step {self.global_step + 1}")
+        self._note_non_finite(loss.detach())
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
+        if (batch_idx + 1) % self.check_every == 0:
+            self._check_finite()
+
+    def _note_non_finite(self, loss: torch.Tensor) -> None:
+        """Keep the first step whose loss is not finite, with device operations only (no sync)."""
+        if self.bad_step is None:
+            self.bad_step = torch.zeros((), dtype=torch.long, device=loss.device)
+            self.bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        first = ~torch.isfinite(loss) & (self.bad_step == 0)
+        self.bad_step = torch.where(first, self.global_step + 1, self.bad_step)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+
+    def _check_finite(self) -> None:
+        """Raise NonFiniteLoss if a step of this epoch had a non-finite loss: one sync."""
+        if self.bad_step is not None and self.bad_step.item():
+            raise NonFiniteLoss(f"train/loss is {self.bad_loss.item()} at epoch {self.current_epoch + 1}, "
+                                f"step {self.bad_step.item()}")
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -81,6 +110,7 @@ class VAEModule(pl.LightningModule):
         self._step(batch, "test")
 
     def on_train_epoch_end(self) -> None:
+        self._check_finite()  # every epoch ends here, so a bad step is always in the current epoch
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
@@ -88,6 +118,25 @@ class VAEModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the random state with the epoch (z's noise draws from it), so that a resumed
+        run continues exactly as one that never stopped (the data order is a function of the
+        seed and the epoch: data.TensorBatches)."""
+        checkpoint["rng_state"] = {"cpu": torch.get_rng_state(),
+                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_rng = checkpoint.get("rng_state")
+
+    def on_train_start(self) -> None:
+        """Restore a resumed run's random state here, after Lightning's sanity-check
+        validation (which draws noise too) and just before the next epoch."""
+        state, self._resumed_rng = getattr(self, "_resumed_rng", None), None
+        if state is not None:
+            torch.set_rng_state(state["cpu"])
+            if state["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
 
     def configure_optimizers(self):
         optim = self.hparams.optim

@@ -28,15 +28,13 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vae_sweeps import figures, tracking
-from vae_sweeps.config import NOT_RESULTS, validate
+from vae_sweeps import figures, identity, tracking
 
 PROJECT = Path(__file__).resolve().parents[1]
 TABLES_FILE = PROJECT / "experiments" / "tables.yaml"
-RECORD = ("run_id", "status", "start_time", "sweep_id")  # per-run columns that are not params
+RECORD = ("run_id", "status", "start_time", "sweep_id", "group")  # per-run columns that are not params
 STATS = (("recon", "recon"), ("kl", "kl"), ("total", "loss"))  # (column name, metric name)
 # The end-of-run evaluation (evaluation.py): (metric test/<name>, column header)
 EVALUATION = (("elbo", "ELBO"), ("log_px", "log p(x), IW"), ("recon_bce", "BCE"), ("recon_l2", "L2"),
@@ -66,12 +64,11 @@ def _numbers(column: pd.Series) -> pd.Series:
 def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
     """One row per run of ``experiment``: RECORD columns, params (numbers parsed), metrics.<key>."""
     records = [{"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
-                "sweep_id": run.data.tags.get("sweep_id"), **run.data.params,
+                "sweep_id": run.data.tags.get("sweep_id"), "group": identity.group_key(run.data.params),
+                **identity.completed(run.data.params),  # a run made before a setting existed ran with its default
                 **{f"metrics.{k}": v for k, v in run.data.metrics.items()}}
                for run in tracking.every_run(client, experiment)]
     runs = pd.DataFrame.from_records(records, columns=list(RECORD) if not records else None)
-    for key, value in default_params().items():  # a run made before a setting existed ran with its default
-        runs[key] = runs[key].fillna(value) if key in runs else value
     for column in runs.columns:
         if column not in RECORD and not column.startswith("metrics."):
             runs[column] = _numbers(runs[column])
@@ -79,24 +76,14 @@ def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
 
 
 def default_params() -> dict[str, str]:
-    """The params of a run of the default config, as strings (as MLflow returns them)."""
-    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["paths.output_dir=."])
-    validate(cfg)  # the same number types as a logged run
-    return tracking.flat_params(cfg)
-
-
-def _is_result_setting(column: str) -> bool:
-    return not any(column == key or column.startswith(f"{key}.") for key in NOT_RESULTS)
+    """The result settings of a run of the default config, as strings (as MLflow returns them)."""
+    return identity.defaults()
 
 
 def finished_groups(runs: pd.DataFrame) -> pd.DataFrame:
-    """The FINISHED runs, each with its ``group`` (result settings but the seed), the latest
-    run kept where a group's seed ran more than once."""
+    """The FINISHED runs of each ``group`` (identity.group_key: one configuration over its
+    seeds), the latest run kept where a group's seed ran more than once."""
     done = runs[runs["status"] == "FINISHED"].copy()
-    identity = sorted(c for c in done.columns if c not in RECORD and c != "seed"
-                      and not c.startswith("metrics.") and _is_result_setting(c))
-    done["group"] = done[identity].map(str).agg(" ".join, axis=1) if identity and len(done) else ""
     if "seed" not in done:
         done["seed"] = 0
     return done.sort_values("start_time").drop_duplicates(["group", "seed"], keep="last")
@@ -403,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default=defaults.experiment, help="MLflow experiment name")
     args = parser.parse_args(argv)
     uri = tracking.resolve_uri(args.tracking_uri)
+    tracking.repair_moved_store(uri)  # a moved SQLite store: find its figures beside it
     result = build_report(MlflowClient(tracking_uri=uri), args.experiment, args.out, tracking.redact(uri))
     gaps = sum(len(m) for m in result["missing"].values())
     print(f"Wrote {args.out / 'report.md'}: {len(result['tables'])} tables ({gaps} missing cells), "

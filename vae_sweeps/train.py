@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
-from vae_sweeps import evaluation, figures, tracking
+from vae_sweeps import devices, evaluation, figures, identity, tracking
 from vae_sweeps.config import validate
 from vae_sweeps.data import ImageDataModule
 from vae_sweeps.module import VAEModule
@@ -47,7 +47,8 @@ def make_datamodule(cfg: DictConfig) -> ImageDataModule:
 
 def torch_threads(cfg: DictConfig) -> int:
     """``threads`` if set, else this job's share of the usable cores: a SLURM or submitit
-    job's cpus_per_task, or the cores divided by joblib's n_jobs."""
+    job's cpus_per_task, or the cores divided by joblib's n_jobs (GPUs x ``jobs_per_gpu``
+    with ``hydra/launcher=joblib_gpu``)."""
     if cfg.get("threads"):
         return cfg.threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -63,6 +64,8 @@ def make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], output_dir: Path
     options = plain(cfg.trainer)
     if options.get("enable_progress_bar") is None:  # a bar in a terminal, none in logs
         options["enable_progress_bar"] = sys.stderr.isatty()
+    # on a machine with several GPUs, job n of a sweep trains on GPU n mod GPUs, not all on the first
+    options = devices.pin_to_gpu(options, devices.job_number(), devices.gpu_count())
     # EpochEnd is the Checkpoint callback: Lightning adds none of its own
     return pl.Trainer(**options, callbacks=callbacks, logger=False, default_root_dir=output_dir)
 
@@ -105,6 +108,16 @@ class EpochEnd(Checkpoint):
             self.logged, self.validated = self.saved, False
 
 
+# What ends a run KILLED and resumable rather than FAILED: Ctrl-C, SIGTERM (made a
+# KeyboardInterrupt below), sys.exit, and submitit's UncompletedJobError, which its signal
+# handler raises in a SLURM job signalled before its time limit once its requeues are used up.
+try:
+    from submitit.core.utils import UncompletedJobError
+    INTERRUPTS = (KeyboardInterrupt, SystemExit, UncompletedJobError)
+except ImportError:  # submitit is optional for a single run
+    INTERRUPTS = (KeyboardInterrupt, SystemExit)
+
+
 @contextmanager
 def sigterm_as_interrupt():
     """Handle SIGTERM (a scheduler or ``kill`` stopping the job) like Ctrl-C, so that the run
@@ -125,12 +138,6 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def caption(cfg: DictConfig, run_id: str) -> str:
-    prior = cfg.prior.name + (f" ({cfg.prior.components}, {cfg.prior.kl})" if cfg.prior.name == "gmm" else "")
-    return (f"{cfg.model.name} | {cfg.loss.name} | latent dim {cfg.model.latent_dim} | c = {cfg.loss.c:g} | "
-            f"prior {prior} | {cfg.data.name} | seed {cfg.seed} | {cfg.trainer.max_epochs} epochs | run {run_id[:8]}")
-
-
 def log_figures(client, run_id: str, module: VAEModule, datamodule: ImageDataModule, text: str) -> None:
     curves = {stage: [(m.step, m.value) for m in client.get_metric_history(run_id, f"{stage}/loss")]
               for stage in ("train", "val")}
@@ -139,12 +146,12 @@ def log_figures(client, run_id: str, module: VAEModule, datamodule: ImageDataMod
         client.log_figure(run_id, fig, f"figures/{name}.png")
 
 
-def resume_or_start(client, experiment_id: str, cfg: DictConfig, digest: str, checkpoint: Path
+def resume_or_start(client, experiment_id: str, cfg: DictConfig, key: str, checkpoint: Path
                     ) -> tuple[str, int]:
     """(run id, completed epochs in ``checkpoint``): the newest KILLED run of this
     configuration that saved a checkpoint, reopened with its checkpoint downloaded to
     ``checkpoint``, or else a new run (0 epochs)."""
-    killed = None if cfg.force else tracking.latest_run(client, experiment_id, digest, "KILLED")
+    killed = None if cfg.force else tracking.latest_run(client, experiment_id, key, "KILLED")
     if killed is None or "resume_from_epoch" not in killed.data.tags:
         return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
     run_id, epochs = killed.info.run_id, int(killed.data.tags["resume_from_epoch"])
@@ -172,22 +179,23 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     client, experiment_id = tracking.open_store(tracking.resolve_uri(cfg.tracking.uri), cfg.tracking.experiment)
-    digest = tracking.config_hash(cfg)
-    finished = None if cfg.force else tracking.latest_run(client, experiment_id, digest, "FINISHED")
+    key = identity.run_key(cfg)
+    finished = None if cfg.force else tracking.latest_run(client, experiment_id, key, "FINISHED")
     if finished is not None:
         log.info("Skipped %s: run %s already FINISHED (force=true trains it again)",
-                 tracking.run_name(cfg), finished.info.run_id)
+                 identity.run_name(cfg), finished.info.run_id)
         test = {k: v for k, v in finished.data.metrics.items() if k.startswith("test/")}
         return {"run_id": finished.info.run_id, "skipped": True, **test}
 
     datamodule = make_datamodule(cfg)
     datamodule.load()
     torch.set_num_threads(torch_threads(cfg))
-    tracking.close_dead_runs(client, experiment_id, digest)
+    tracking.close_dead_runs(client, experiment_id, key)
     checkpoint = output_dir / "checkpoints" / "last.ckpt"
-    run_id, done = resume_or_start(client, experiment_id, cfg, digest, checkpoint)
+    run_id, done = resume_or_start(client, experiment_id, cfg, key, checkpoint)
+    tracking.describe_run(client, run_id, datamodule, identity.caption(cfg, run_id))
     client.set_tag(run_id, "torch_threads", str(torch.get_num_threads()))
-    log.info("MLflow run %s (%s)", run_id, tracking.run_name(cfg))
+    log.info("MLflow run %s (%s)", run_id, identity.run_name(cfg))
     epoch_end = EpochEnd(checkpoint, client, run_id, epochs=done)
     trainer = None
     with sigterm_as_interrupt() as shield:
@@ -201,10 +209,10 @@ def train(cfg: DictConfig) -> dict:
             test.update(evaluation.evaluate(module.vae, datamodule.splits, cfg.eval.iw_samples, cfg.eval.knn_k))
             tracking.log_metrics(client, run_id, test, epoch_end.saved)
             client.log_artifact(run_id, str(checkpoint), "checkpoints")
-            log_figures(client, run_id, module, datamodule, caption(cfg, run_id))
+            log_figures(client, run_id, module, datamodule, identity.caption(cfg, run_id))
         except BaseException as err:
             shield()  # let the clean-up finish
-            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+            interrupted = isinstance(err, INTERRUPTS)
             if interrupted and epoch_end.saved:
                 if trainer is not None:
                     epoch_end.log_epoch(trainer)  # if stopped between the checkpoint and its metrics

@@ -45,11 +45,11 @@ def expand_jobs(params: dict, grids: Sequence[dict], arguments: Sequence[str]) -
 
 def plan_jobs(params: dict, grids: Sequence[dict], arguments: Sequence[str],
               compose: Callable[[Sequence[str]], DictConfig]) -> list[tuple[list[str], str]]:
-    """The distinct jobs of a sweep, in order, as (overrides, config hash), each config
+    """The distinct jobs of a sweep, in order, as (overrides, identity), each config
     composed and checked. Raises ConfigError naming every job with a bad value."""
     from vae_sweeps.config import validate
     from vae_sweeps.errors import ConfigError
-    from vae_sweeps.tracking import config_hash
+    from vae_sweeps.identity import run_key
 
     jobs, seen, bad = [], set(), []
     for overrides in expand_jobs(params, grids, arguments):
@@ -59,7 +59,7 @@ def plan_jobs(params: dict, grids: Sequence[dict], arguments: Sequence[str],
         except ConfigError as err:
             bad.append(f"  {' '.join(overrides)}: {err}")
             continue
-        digest = config_hash(cfg)
+        digest = run_key(cfg)
         if digest not in seen:
             seen.add(digest)
             jobs.append((overrides, digest))
@@ -96,7 +96,7 @@ class StudySweeper(BasicSweeper):
             sys.exit(2)
         common, names = describe([job for job, _ in planned])
         header = f" (every job: {' '.join(common)})" if common else ""
-        done = set() if self.config.get("force") else tracking.finished_hashes(
+        done = set() if self.config.get("force") else tracking.finished_keys(
             tracking.resolve_uri(self.config.tracking.uri), self.config.tracking.experiment)
         skipped = [name for name, (_, digest) in zip(names, planned) if digest in done]
         todo = [(job, name) for name, (job, digest) in zip(names, planned) if digest not in done]

@@ -1,0 +1,95 @@
+"""One identity of a run: params, result settings and the key that the sweeper's skip, the
+resume lookup and the report's grouping share, stable when a setting with a default is added."""
+
+import pytest
+from conftest import compose_tiny, run_cli
+from mlflow.entities import Metric, Param
+
+from vae_sweeps import identity, tracking
+from vae_sweeps.config import validate
+from vae_sweeps.report import build_report
+
+
+def older(params: dict[str, str], *sections: str) -> dict[str, str]:
+    """``params`` as a vae_sweeps from before ``sections`` existed would have logged them."""
+    return {k: v for k, v in params.items() if not k.startswith(sections)}
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, tiny_root, monkeypatch):
+    """A tiny job's config, checked (and its numbers normalised) as every job's is."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def make(*overrides):
+        cfg = compose_tiny(tmp_path, tiny_root, *overrides)
+        validate(cfg)
+        return cfg
+
+    return make
+
+
+def test_params_leave_out_paths_secrets_and_force_and_results_leave_out_display(tiny_cfg):
+    params = identity.params(tiny_cfg("threads=1"))
+    assert params["model.name"] == "mlp3" and params["threads"] == "1" and params["seed"] == "0"
+    assert not any(k.startswith(("tracking.", "paths.", "hydra.")) or k in ("force", "data.root") for k in params)
+    results = identity.result_settings(params)
+    assert "threads" not in results and "trainer.enable_progress_bar" not in results and "data.download" not in results
+    assert results["trainer.max_epochs"] == "2"
+
+
+def test_a_run_from_before_a_setting_existed_is_the_same_run(tiny_cfg):
+    cfg = tiny_cfg()
+    params = identity.params(cfg)
+    assert identity.key_of(older(params, "prior.", "eval.")) == identity.run_key(cfg)
+    # but not when the new setting is away from its default
+    assert identity.key_of(older(identity.params(tiny_cfg("eval.knn_k=7")), "prior.")) != identity.run_key(cfg)
+    assert identity.run_key(tiny_cfg("prior=none")) != identity.run_key(cfg)
+
+
+def test_the_default_of_a_setting_is_that_of_the_runs_own_option(tiny_cfg):
+    cfg = tiny_cfg("prior=gmm")
+    params = identity.params(cfg)
+    assert params["prior.kl"] == "tight"
+    # a mixture-prior run logged before prior.kl existed trained with gmm's default estimator
+    assert identity.key_of(older(params, "prior.kl")) == identity.run_key(cfg)
+    assert identity.key_of(older(params, "prior.kl")) != identity.run_key(tiny_cfg("prior=gmm", "prior.kl=mc"))
+    completed = identity.completed(older(params, "prior.kl", "prior.components"))
+    assert completed["prior.kl"] == "tight" and completed["prior.components"] == "10"
+
+
+def test_what_changes_no_result_changes_no_identity(tiny_cfg):
+    key = identity.run_key(tiny_cfg())
+    assert identity.run_key(tiny_cfg("threads=1", "trainer.enable_model_summary=true", "force=true")) == key
+    assert identity.run_key(tiny_cfg("seed=1")) != key
+    assert identity.group_key(identity.params(tiny_cfg("seed=1"))) == identity.group_key(identity.params(tiny_cfg()))
+    assert identity.run_key(tiny_cfg("loss.c=1")) == identity.run_key(tiny_cfg("loss.c=1.0")) != \
+        identity.run_key(tiny_cfg("loss.c=2"))
+
+
+def test_names_of_a_run(tiny_cfg):
+    assert identity.run_name(tiny_cfg("seed=4")) == "mlp3-bce-z2-c1-mnist-s4"
+    assert identity.run_name(tiny_cfg("prior=gmm", "prior.kl=mc", "loss.c=0.5")) == "mlp3-bce-z2-c0.5-gmm_mc-mnist-s0"
+    assert identity.caption(tiny_cfg("prior=gmm"), "0123456789") == (
+        "mlp3 | bce | latent dim 2 | c = 1 | prior gmm (components 10, kl tight) | mnist | seed 0 | 2 epochs | run 01234567")
+
+
+def test_a_store_from_an_older_version_is_skipped_by_a_sweep_and_counted_once(tmp_path, tiny_root, tiny_cfg):
+    """A FINISHED run logged before the prior and eval settings existed, with a config_hash of
+    the old formula: a sweep over its configuration skips it, and the report counts it once."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    client, experiment_id = tracking.open_store(uri, "vae_sweeps")
+    run_id = client.create_run(experiment_id, run_name="mlp3-bce-z2-c1-mnist-s0",
+                               tags={"config_hash": "0123456789abcdef"}).info.run_id  # the old formula's
+    client.log_batch(run_id, params=[Param(k, v) for k, v in older(identity.params(tiny_cfg()), "prior.", "eval.").items()],
+                     metrics=[Metric(f"test/{k}", v, 0, 2) for k, v in (("loss", 150.0), ("recon", 143.0), ("kl", 7.0))])
+    client.set_terminated(run_id, "FINISHED")
+
+    done = run_cli(tmp_path, tiny_root, "seed=0,1", flags=("-m",))
+    assert done.returncode == 0, done.stderr
+    assert "Skipping 1 of 2 job(s) that already have a FINISHED run" in done.stdout
+    runs = client.search_runs([experiment_id])
+    assert len(runs) == 2 and {r.data.params["seed"] for r in runs} == {"0", "1"}  # only seed 1 trained
+
+    built = build_report(client, "vae_sweeps", tmp_path / "report")
+    row = built["tables"]["table1"].set_index("model.name").loc["mlp3"]
+    assert row["n"] == 2 and row["seeds"] == "0 1" and run_id in row["run_ids"].split()

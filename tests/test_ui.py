@@ -1,0 +1,101 @@
+"""The MLflow UI in a real browser: `mlflow server` on a store with one run, its experiment's
+page loaded in headless Chromium (Debian's chromium and chromium-driver; nothing downloads a
+browser). Skipped where they are not installed."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import compose_tiny, store
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from vae_sweeps.train import train
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="no Chromium and chromedriver on this machine (Debian: apt-get install chromium chromium-driver)")
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--window-size=1600,1000")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_root):
+    """(base URL, the run): `mlflow server` on a store that holds one tiny run."""
+    tmp_path = tmp_path_factory.mktemp("ui")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        run_id = train(compose_tiny(tmp_path, tiny_root, "trainer.max_epochs=1", "eval.iw_samples=2"))["run_id"]
+    run = store(tmp_path).get_run(run_id)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+             f"sqlite:///{tmp_path}/mlruns/mlflow.db", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"mlflow server ended: {(tmp_path / 'server.log').read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as answer:
+                    if answer.read() == b"OK":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer within 180 s"
+            time.sleep(1)
+        yield base, run
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not fetch a browser or driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):  # a new, empty profile
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_the_experiment_page_opens_on_the_runs_table(server, browser, tmp_path):
+    base, run = server
+    browser.get(f"{base}/#/experiments/{run.info.experiment_id}?workflowType=machine_learning")
+    row = f"//a[contains(., '{run.info.run_name}')]"
+    WebDriverWait(browser, 120).until(lambda page: page.find_elements(By.XPATH, row))
+    browser.save_screenshot(str(tmp_path / "runs.png"))  # kept in pytest's tmp folder to look at
+    assert f"/experiments/{run.info.experiment_id}/runs" in browser.current_url
+    assert "traces" not in browser.current_url and "overview" not in browser.current_url
+    page = browser.find_element(By.TAG_NAME, "body").text
+    assert "MNIST (" in page  # the Dataset column: the dataset input's name and digest

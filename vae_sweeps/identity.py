@@ -1,0 +1,152 @@
+"""What a run is: its params, the settings that decide its results, its identity and its names.
+
+Every part of the project that asks "is this the same run?" asks here: the sweeper (skip what
+is FINISHED, drop duplicate jobs), a job (resume its KILLED run, refuse a second live one) and
+the report (group the seeds of one configuration).
+
+- **params**: the resolved config, flattened to ``group.key`` strings (as MLflow stores them),
+  without paths, the tracking settings (the URI may hold a password) and ``force``.
+- **result settings**: the params that change what a run computes (seed included; not threads,
+  progress bars and the like).
+- **identity** (``run_key``): a hash of the result settings that differ from their defaults.
+  The defaults are those of the config composed with the run's own options of the study's axes
+  (``model=cnn``, ``prior=gmm``, ...), so a setting added later with a default (as ``prior`` and
+  ``eval`` were) changes no identity: a run logged before it existed is the same run as a new
+  config that keeps the default. A run's identity is computed from its params, never from a
+  stored tag, so it is the same whichever version of vae_sweeps logged it.
+- **names**: ``run_name`` (the MLflow run name) and ``caption`` (its description and the
+  figures' caption line).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Not params: Hydra's own settings, machine-specific paths, the tracking settings (the URI may
+# hold credentials), free-form tags, and force.
+NOT_PARAMS = ("hydra", "paths", "tracking", "tags", "force", "data.root")
+# Params that do not change a run's results either (a section name covers the whole section).
+NOT_RESULTS = (*NOT_PARAMS, "threads", "jobs_per_gpu", "data.download", "trainer.enable_progress_bar",
+               "trainer.enable_model_summary")
+# The study's axes whose option is chosen by name (``model=cnn``); the option's ``name`` key says
+# which one a run used.
+AXES = ("data", "model", "loss", "prior")
+
+
+def flatten(cfg: DictConfig, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
+    """The resolved config as flat ``group.key`` strings, without the keys in ``leave_out``
+    (a section name leaves out the whole section)."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if name in leave_out:
+                continue
+            if isinstance(value, dict):
+                walk(value, f"{name}.")
+            else:
+                flat[name] = str(value)
+
+    sections = [key for key in cfg if key not in leave_out]  # unresolvable ones (hydra) stay out
+    walk(OmegaConf.to_container(OmegaConf.masked_copy(cfg, sections), resolve=True), "")
+    return flat
+
+
+def params(cfg: DictConfig) -> dict[str, str]:
+    """A run's MLflow params: the flattened config without NOT_PARAMS."""
+    return flatten(cfg, NOT_PARAMS)
+
+
+def is_result_setting(key: str) -> bool:
+    return not any(key == other or key.startswith(f"{other}.") for other in NOT_RESULTS)
+
+
+def result_settings(settings: Mapping[str, str]) -> dict[str, str]:
+    """The params (of a config or of a logged run) that change what a run computes."""
+    return {key: str(value) for key, value in settings.items() if is_result_setting(key)}
+
+
+def choices(settings: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The options of the study's axes that ``settings`` name (absent: the default option)."""
+    return tuple((axis, str(settings[f"{axis}.name"])) for axis in AXES if f"{axis}.name" in settings)
+
+
+@functools.lru_cache(maxsize=None)
+def defaults(options: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+    """The result settings of the config composed with these axis options and nothing else:
+    what a run that named only these options would have used. {} if they do not compose (an
+    option that no longer exists)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [f"{axis}={option}" for axis, option in options] + ["paths.output_dir=."]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside the app: its own config search path
+            cfg = compose(config_name="config", overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=overrides)
+    except Exception as err:  # an option that does not exist (any more): no defaults to drop
+        log.debug("No defaults for %s: %s", overrides, err)
+        return {}
+    return result_settings(params(cfg))
+
+
+def completed(settings: Mapping[str, str]) -> dict[str, str]:
+    """``settings`` with every result setting they lack filled in with its default: a run logged
+    before a setting existed ran with that setting's default."""
+    return {**defaults(choices(settings)), **{key: str(value) for key, value in settings.items()}}
+
+
+def distinct(settings: Mapping[str, str]) -> dict[str, str]:
+    """The result settings that differ from their defaults (an axis option too: a run that
+    names the default option is the same as one logged before that axis existed)."""
+    results = result_settings(settings)
+    base = {**defaults(choices(results)), **{k: v for k, v in defaults().items() if k.endswith(".name")}}
+    return {key: value for key, value in results.items() if base.get(key) != value}
+
+
+def key_of(settings: Mapping[str, str], leave_out: tuple[str, ...] = ()) -> str:
+    """The identity of a run with these params (a config's or a logged run's): a short hash."""
+    kept = {key: value for key, value in distinct(settings).items() if key not in leave_out}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_key(cfg: DictConfig) -> str:
+    """The identity of the run that ``cfg`` would log."""
+    return key_of(params(cfg))
+
+
+def group_key(settings: Mapping[str, str]) -> str:
+    """The identity without the seed: the runs of one configuration over its seeds."""
+    return key_of(settings, leave_out=("seed",))
+
+
+def _prior_label(prior) -> str:
+    return prior.name + (f"_{prior.kl}" if prior.get("kl") else "")
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The MLflow run name, e.g. ``mlp3-bce-z2-c1-mnist-s0`` (the prior shown unless standard)."""
+    prior = "" if cfg.prior.name == "standard" else f"-{_prior_label(cfg.prior)}"
+    return (f"{cfg.model.name}-{cfg.loss.name}-z{cfg.model.latent_dim}-c{cfg.loss.c:g}{prior}"
+            f"-{cfg.data.name}-s{cfg.seed}")
+
+
+def caption(cfg: DictConfig, run_id: str) -> str:
+    """One line that says what a run is: its description in MLflow and its figures' caption."""
+    extra = ", ".join(f"{key} {value}" for key, value in cfg.prior.items() if key != "name" and value is not None)
+    prior = cfg.prior.name + (f" ({extra})" if extra else "")
+    return (f"{cfg.model.name} | {cfg.loss.name} | latent dim {cfg.model.latent_dim} | c = {cfg.loss.c:g} | "
+            f"prior {prior} | {cfg.data.name} | seed {cfg.seed} | {cfg.trainer.max_epochs} epochs | run {run_id[:8]}")
