@@ -58,8 +58,11 @@ evaluate: ## Fill in the end-of-run evaluation that older runs lack (the judge's
 results: evaluate ## Publish: back-fill, then rebuild the report into results/ (the folder that is committed)
 	$(PY) -m vae_sweeps.report --out results
 
+# The tests spend most of their time starting jobs in subprocesses, one core each: two test files
+# run at once (pytest-xdist; a file stays on one worker, so its module fixtures are built once).
+TEST_ARGS ?= -n 2 --dist loadfile
 test: ## Run the test suite
-	$(PY) -m pytest
+	$(PY) -m pytest $(TEST_ARGS)
 
 bench: ## Training speed against a plain PyTorch loop, memory, CNN variants, sweep throughput (~6 min)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

@@ -37,8 +37,9 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Dataset
 
 from vae_sweeps import models, tracking
-from vae_sweeps.data import load_arrays
+from vae_sweeps.data import IMAGE_SHAPE, load_arrays
 from vae_sweeps.module import VAEModule
+from vae_sweeps.priors import StandardPrior
 from vae_sweeps.train import EpochEnd, make_datamodule, make_trainer, plain
 from vae_sweeps.vae import VAE
 
@@ -103,8 +104,8 @@ def project_path(tmp: Path, epochs: int, device: torch.device, overrides=EXAMPLE
 
 
 def examples_vae(device: torch.device) -> VAE:
-    encoder, decoder = models.build("mlp2", 20, [400])
-    return VAE(encoder, decoder, 20, recon="bce", c=1.0).to(device)
+    encoder, decoder = models.mlp(20, [400], layers=2, image_shape=IMAGE_SHAPE)
+    return VAE(encoder, decoder, StandardPrior(20), recon="bce", c=1.0).to(device)
 
 
 class PlainLoop:
@@ -173,8 +174,8 @@ def cnn_variants(device: torch.device, images: torch.Tensor, steps: int) -> None
     from torch.profiler import ProfilerActivity, profile
 
     def make(batch: int, channels_last: bool = False, compiled: bool = False):
-        encoder, decoder = models.build("cnn", 2, [256], [32, 64])
-        vae = VAE(encoder, decoder, 2).to(device)
+        encoder, decoder = models.cnn(2, [32, 64], [256], image_shape=IMAGE_SHAPE)
+        vae = VAE(encoder, decoder, StandardPrior(2)).to(device)
         if channels_last:
             vae = vae.to(memory_format=torch.channels_last)
         step_model = torch.compile(vae) if compiled else vae

@@ -129,8 +129,11 @@ assert found == [("0", "FINISHED"), ("1", "FINISHED")], f"expected seeds 0 and 1
 for run in runs:
     assert "checkpoints" in {a.path for a in client.list_artifacts(run.info.run_id)}, "no checkpoint served"
 EOF
-in_pg=$("$pg_bin/psql" -h 127.0.0.1 -p "$pg_port" -U "$pg_user" -d "$pg_db" -tA \
-  -c "select count(*) from runs where status = 'FINISHED'")
-[ "$in_pg" = 2 ] || die "PostgreSQL holds $in_pg FINISHED runs, expected 2"
+# The study's 2 runs, and the one judge that both runs' evaluation shares (trained once).
+in_pg=$("$pg_bin/psql" -h 127.0.0.1 -p "$pg_port" -U "$pg_user" -d "$pg_db" -tA -F ' ' -c \
+  "select e.name, count(*) from runs r join experiments e on e.experiment_id = r.experiment_id
+   where r.status = 'FINISHED' group by e.name order by e.name" | tr '\n' ';')
+[ "$in_pg" = "vae_sweeps 2;vae_sweeps-judges 1;" ] ||
+  die "PostgreSQL holds FINISHED runs per experiment '$in_pg', expected 'vae_sweeps 2;vae_sweeps-judges 1;'"
 
-log "OK in ${SECONDS} s: PostgreSQL holds both runs, the report was written, the re-run skipped both jobs"
+log "OK in ${SECONDS} s: PostgreSQL holds both runs and their judge, the report was written, the re-run skipped both jobs"

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from vae_sweeps import claims
-from vae_sweeps.report import TABLES_FILE, cell_key
+from vae_sweeps.tables import TABLES_FILE, cell_key
 
 
 def runs(metric: str, values, **columns) -> pd.DataFrame:

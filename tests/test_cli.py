@@ -17,7 +17,7 @@ from vae_sweeps.tracking import check_reachable
 from vae_sweeps.train import train
 
 BAD_INPUT = [  # (overrides, what the message must say)
-    (["model.name=resnet"], "model.name='resnet' is not allowed: choose one of mlp2, mlp3, mlp4, cnn"),
+    (["model.name=resnet"], "model.name='resnet' is not allowed: choose one of cnn, mlp2, mlp3, mlp4"),
     (["model.latent_dim=0"], "model.latent_dim=0 is not allowed: it must be a positive integer"),
     (["model.latent_dim=-3"], "model.latent_dim=-3 is not allowed: it must be a positive integer"),
     (["model.latent_dim=2.5"], "model.latent_dim=2.5 is not allowed: it must be a positive integer"),
@@ -29,11 +29,11 @@ BAD_INPUT = [  # (overrides, what the message must say)
     (["loss.c=-1.5"], "loss.c=-1.5 is not allowed: it must be a finite number > 0"),
     (["loss.c=nan"], "loss.c=nan is not allowed: it must be a finite number > 0"),
     (["loss.c=inf"], "loss.c=inf is not allowed: it must be a finite number > 0"),
-    (["prior.name=vamp"], "prior.name='vamp' is not allowed: choose one of standard, gmm, none"),
+    (["prior.name=vamp"], "prior.name='vamp' is not allowed: choose one of gmm, none, standard"),
     (["prior=gmm", "prior.components=0"], "prior.components=0 is not allowed: it must be a positive integer"),
     (["prior=gmm", "prior.kl=exact"], "prior.kl='exact' is not allowed: choose one of bound, tight, mc"),
     (["eval.iw_samples=0"], "eval.iw_samples=0 is not allowed: it must be a positive integer"),
-    (["data.name=cifar10"], "data.name='cifar10' is not allowed: choose one of mnist, fashion_mnist"),
+    (["data.name=cifar10"], "data.name='cifar10' is not allowed: choose one of fashion_mnist, mnist"),
     (["data.batch_size=0"], "data.batch_size=0 is not allowed: it must be a positive integer"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0 is not allowed: it must be a positive integer"),
     (["optim.lr=-0.1"], "optim.lr=-0.1 is not allowed: it must be a finite number > 0"),

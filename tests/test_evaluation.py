@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from vae_sweeps import evaluation, models
-from vae_sweeps.priors import MixturePrior, NoPrior
+from vae_sweeps.priors import MixturePrior, NoPrior, StandardPrior
 from vae_sweeps.vae import VAE
 
 
 def small_vae(prior=None, seed=0) -> VAE:
     torch.manual_seed(seed)
-    encoder, decoder = models.build("mlp2", 2, [32])
-    return VAE(encoder, decoder, 2, prior=prior)
+    encoder, decoder = models.mlp(2, [32], layers=2, image_shape=(1, 28, 28))
+    return VAE(encoder, decoder, prior or StandardPrior(2))
 
 
 def test_iw_bound_is_at_least_the_elbo_and_grows_with_k():
@@ -48,7 +48,7 @@ class ConstantDecoder(torch.nn.Module):
 
 
 def test_iw_and_elbo_against_known_values():
-    vae = VAE(FixedPosterior(), ConstantDecoder(), 2)
+    vae = VAE(FixedPosterior(), ConstantDecoder(), StandardPrior(2))
     images = torch.rand(20, 1, 28, 28)
     log_px = -vae.recon_loss(ConstantDecoder()(images), images).mean().item()
     kl = vae.prior.kl(torch.full((1, 2), 0.5), torch.full((1, 2), 0.5).log(), None).item()

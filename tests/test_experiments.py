@@ -1,32 +1,25 @@
-"""Each experiment config composes to the intended grid of jobs (nothing is trained), and the
-study sweeper plans, checks and runs sweeps as documented."""
+"""Each experiment config composes to the jobs that fill its tables in
+experiments/tables.yaml (nothing is trained), and the study sweeper plans, checks and runs
+sweeps as documented."""
 
+import functools
+import math
 import re
 
 import pytest
-from conftest import CONF_DIR, all_runs, run_cli
+import yaml
+from conftest import CONF_DIR, ROOT, all_runs, run_cli
 from hydra import compose, initialize_config_dir
 from hydra_plugins.vae_sweeps_sweeper.study_sweeper import expand_jobs, plan_jobs
 
+from vae_sweeps import identity
 from vae_sweeps.errors import ConfigError
 
-MODELS = ["mlp2", "mlp3", "mlp4", "cnn"]
-SEEDS = [0, 1, 2]
-
-
-def point(model="mlp3", loss="bce", latent=2, c=1.0, data="mnist", seed=0):
-    return (model, loss, latent, c, data, seed)
-
-
-EXPECTED = {
-    "table1": {point(model=m, seed=s) for m in MODELS for s in SEEDS},
-    "table2": {point(loss=l, seed=s) for l in ("bce", "l1", "l2") for s in SEEDS},
-    "table3": {point(latent=d, seed=s) for d in (1, 2, 5, 10, 20) for s in SEEDS},
-    "c_sweep": {point(c=c, seed=s) for c in (0.25, 0.5, 1.0, 2.0, 4.0) for s in SEEDS},
-    "fashion": {point(data="fashion_mnist", seed=s, **axis) for s in SEEDS for axis in
-                [{"model": m} for m in MODELS] + [{"loss": l} for l in ("l1", "l2")]
-                + [{"latent": d} for d in (1, 5, 10, 20)]},
-}
+# Each table: the settings it fixes, its rows and the experiment that fills it. The tables
+# define the study's parts; the tests below check conf/experiment/ against them.
+TABLES = yaml.safe_load((ROOT / "experiments" / "tables.yaml").read_text())["tables"]
+EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+SEEDS = [0, 1, 2]  # every cell of the study runs with these seeds
 
 
 def planned(*arguments: str, sweep: dict | None = None):
@@ -44,24 +37,64 @@ def planned(*arguments: str, sweep: dict | None = None):
         return jobs, [job_config(job) for job in jobs], master
 
 
-@pytest.mark.parametrize("experiment", list(EXPECTED))
-def test_experiment_composes_to_its_grid(experiment):
+@functools.cache
+def planned_experiment(experiment: str):
+    """planned(f"experiment={experiment}"), plus each job's MLflow params (as its run logs
+    them); composed once per test session."""
     jobs, configs, master = planned(f"experiment={experiment}")
-    grid = [(c.model.name, c.loss.name, c.model.latent_dim, float(c.loss.c), c.data.name, c.seed) for c in configs]
-    assert len(grid) == len(set(grid)), "a configuration is planned twice"
-    assert set(grid) == EXPECTED[experiment]
+    return jobs, configs, master, [identity.params(cfg) for cfg in configs]
+
+
+def cell(spec: dict, value) -> dict:
+    """The settings of one table cell: the table's fixed settings and the row's value (a list
+    of values where ``rows`` is a list of keys), as vae_sweeps/report.py selects its runs."""
+    keys, values = (spec["rows"], value) if isinstance(spec["rows"], list) else ([spec["rows"]], [value])
+    return {**dict(zip(keys, values, strict=True)), **spec["fixed"]}
+
+
+def cells(experiment: str) -> list[dict]:
+    """The settings of every cell of the tables that ``experiment`` fills."""
+    return [cell(spec, value) for spec in TABLES.values() if spec["experiment"] == experiment
+            for value in spec["values"]]
+
+
+def matches(params: dict[str, str], settings: dict) -> bool:
+    """Whether a run with these params counts for a cell with these settings, as the report
+    matches them: None is a param the run lacks, and numbers compare as numbers."""
+    for key, value in settings.items():
+        if value is None or key not in params:
+            if (value is None) != (key not in params):
+                return False
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                if not math.isclose(float(params[key]), float(value)):
+                    return False
+            except ValueError:
+                return False
+        elif params[key] != str(value):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("table", list(TABLES))
+def test_every_cell_of_the_table_is_planned_by_its_experiment(table):
+    """Each cell (the table's fixed settings and one row) gets exactly one job per seed."""
+    spec = TABLES[table]
+    _, _, _, runs = planned_experiment(spec["experiment"])
+    for value in spec["values"]:
+        seeds = sorted(int(params["seed"]) for params in runs if matches(params, cell(spec, value)))
+        assert seeds == SEEDS, f"{table}, row {value}: experiment={spec['experiment']} plans seeds {seeds}"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_the_experiment_plans_its_tables_cells_and_nothing_else(experiment):
+    own = cells(experiment)
+    assert own, f"no table in experiments/tables.yaml is filled by conf/experiment/{experiment}.yaml"
+    jobs, configs, master, runs = planned_experiment(experiment)
+    assert [" ".join(job) for job, params in zip(jobs, runs) if not any(matches(params, c) for c in own)] == []
     assert master.hydra.mode.name == "MULTIRUN"
     assert {c.tags.part for c in configs} == {experiment}
     assert {c.trainer.max_epochs for c in configs} == {30}  # the study's budget
-
-
-def test_the_priors_experiment_composes_to_its_grid():
-    jobs, configs, _ = planned("experiment=priors")
-    grid = {(c.prior.name, c.prior.get("kl"), c.model.latent_dim, c.seed) for c in configs}
-    variants = [("standard", None), ("none", None), ("gmm", "bound"), ("gmm", "tight"), ("gmm", "mc")]
-    assert len(jobs) == 30
-    assert grid == {(name, kl, d, s) for name, kl in variants for d in (2, 10) for s in SEEDS}
-    assert {(c.model.name, c.loss.name, float(c.loss.c), c.data.name) for c in configs} == {("mlp3", "bce", 1.0, "mnist")}
 
 
 def test_the_first_seed_of_every_configuration_runs_first():
@@ -71,7 +104,7 @@ def test_the_first_seed_of_every_configuration_runs_first():
 
 def test_command_line_values_win_over_the_experiment():
     jobs, configs, _ = planned("experiment=fashion", "seed=0", "trainer.max_epochs=5")
-    assert len(jobs) == 10
+    assert len(jobs) == len({frozenset(c.items()) for c in cells("fashion")})  # one per distinct cell: 10
     assert {(c.seed, c.trainer.max_epochs) for c in configs} == {(0, 5)}
 
 
@@ -115,4 +148,7 @@ def test_a_failing_job_does_not_stop_the_sweep_and_is_reported(tmp_path, tiny_ro
     assert done.returncode == 1
     assert "error: 1 of 2 job(s) failed:" in done.stderr
     assert "  #0 data.val_size=96: DataError: data.val_size=96 is not allowed" in done.stderr
+    # each job says where the sweep is as it starts, from the second on with the time left
+    assert "job 1 of 2: data.val_size=96\n" in done.stdout
+    assert re.search(r"job 2 of 2: data.val_size=16, about .+ left\n", done.stdout), done.stdout[-2000:]
     assert [r.data.params["data.val_size"] for r in all_runs(tmp_path)] == ["16"]

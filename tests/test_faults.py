@@ -22,7 +22,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from test_resilience import SMALL, history, wait_for
 
 from vae_sweeps import identity, tracking
-from vae_sweeps import train as train_module
+from vae_sweeps import faults
 from vae_sweeps.module import NonFiniteLoss
 from vae_sweeps.train import EpochEnd, train
 
@@ -170,7 +170,7 @@ def test_a_store_failing_during_the_clean_up_hides_no_error_and_the_next_launch_
     def set_tag_but_error(self, run_id, key, value, *args, **kwargs):  # the clean-up's tag fails
         return store_down(key) if key == "error" else set_tag(self, run_id, key, value, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "CLEANUP_WAIT_S", 0.0)
+    monkeypatch.setattr(faults, "CLEANUP_WAIT_S", 0.0)
     monkeypatch.setattr(MlflowClient, "set_tag", set_tag_but_error)
     monkeypatch.setattr(MlflowClient, "set_terminated", lambda self, run_id, status: store_down(status))
     with pytest.raises(NonFiniteLoss):

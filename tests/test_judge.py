@@ -8,7 +8,7 @@ from conftest import all_runs, compose_tiny, fake_digits, store
 from torch import nn
 
 from vae_sweeps import evaluate, judge
-from vae_sweeps.data import to_tensors
+from vae_sweeps.data import MNIST, to_tensors
 from vae_sweeps.train import train
 
 
@@ -106,3 +106,19 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
     evaluate.main(args)  # idempotent: nothing left to do
     assert len(client.get_metric_history(run.info.run_id, "test/judged_accuracy")) == 1
     assert [r.info.run_id for r in all_runs(tmp_path)] == [result["run_id"]]
+
+
+def test_a_judge_per_dataset_file_and_of_any_image_shape(tmp_path):
+    class Files:  # a user's dataset option whose files differ (ImageData.describe)
+        def __init__(self, checksums):
+            self.checksums = checksums
+
+        def describe(self):
+            return {"name": "npz_images", "url": None, "checksums": self.checksums}
+
+    assert judge.data_key("npz_images", Files(["a"])) != judge.data_key("npz_images", Files(["b"]))
+    assert judge.data_key("npz_images", Files(["a"])) == judge.data_key("npz_images", Files(["a"]))
+    # every copy of MNIST is the same dataset: one judge
+    assert (judge.data_key("mnist", MNIST(root=str(tmp_path / "one"), download=False))
+            == judge.data_key("mnist", MNIST(root=str(tmp_path / "two"), download=False)))
+    assert judge.Judge(7, (3, 32, 20))(torch.zeros(2, 3, 32, 20)).shape == (2, 7)

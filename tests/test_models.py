@@ -20,7 +20,7 @@ def make_module(name: str, latent_dim: int) -> VAEModule:
 
 
 @pytest.mark.parametrize("latent_dim", LATENT_DIMS)
-@pytest.mark.parametrize("name", models.ARCHITECTURES)
+@pytest.mark.parametrize("name", ["mlp2", "mlp3", "mlp4", "cnn"])
 def test_shapes(name, latent_dim):
     vae = make_module(name, latent_dim).vae
     x = torch.rand(3, 1, 28, 28)
@@ -61,6 +61,6 @@ def test_cnn_goes_28_14_7_and_back():
 
 
 def test_cnn_with_three_convolutions_handles_the_odd_side():
-    encoder, decoder = models.build("cnn", 3, hidden=[], channels=[8, 16, 16])  # 28 -> 14 -> 7 -> 4
+    encoder, decoder = models.cnn(3, channels=[8, 16, 16], hidden=[], image_shape=(1, 28, 28))  # 28 -> 14 -> 7 -> 4
     assert encoder(torch.zeros(2, 1, 28, 28)).shape == (2, 6)
     assert decoder(torch.zeros(2, 3)).shape == (2, 1, 28, 28)

@@ -7,7 +7,9 @@ import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from vae_sweeps import models
-from vae_sweeps.priors import MixturePrior, NoPrior, StandardPrior, build
+from vae_sweeps import options
+from vae_sweeps.errors import ConfigError
+from vae_sweeps.priors import MixturePrior, NoPrior, StandardPrior
 from vae_sweeps.vae import VAE
 
 
@@ -67,8 +69,8 @@ def test_with_one_standard_normal_component_both_bounds_are_the_closed_form_kl()
 def test_gradients_reach_every_mixture_parameter(estimator):
     prior = random_mixture()  # unequal weights: the study's bound pulls them back to equal
     prior.estimator = estimator
-    encoder, decoder = models.build("mlp2", 3, [16])
-    vae = VAE(encoder, decoder, 3, prior=prior)
+    encoder, decoder = models.mlp(3, [16], layers=2, image_shape=(1, 28, 28))
+    vae = VAE(encoder, decoder, prior)
     x = torch.rand(8, 1, 28, 28)
     vae.loss(x, vae(x))["loss"].backward()
     for name in ("means", "logvars", "logits"):
@@ -98,8 +100,8 @@ def test_mixture_samples_come_from_its_components():
 
 
 def test_the_autoencoder_has_no_kl_and_a_deterministic_encoder():
-    encoder, decoder = models.build("mlp2", 2, [16])
-    ae = VAE(encoder, decoder, 2, c=2.0, prior=NoPrior(2))
+    encoder, decoder = models.mlp(2, [16], layers=2, image_shape=(1, 28, 28))
+    ae = VAE(encoder, decoder, NoPrior(2), c=2.0)
     x = torch.rand(4, 1, 28, 28)
     first, second = ae(x), ae(x)
     torch.testing.assert_close(first["z"], second["z"])
@@ -111,9 +113,12 @@ def test_the_autoencoder_has_no_kl_and_a_deterministic_encoder():
 
 
 def test_build_reads_the_prior_config_group():
-    assert isinstance(build({"name": "standard"}, 2), StandardPrior)
-    assert isinstance(build({"name": "none"}, 2), NoPrior)
-    gmm = build({"name": "gmm", "components": 7, "kl": "mc"}, 4)
+    # a config without _target_ (a checkpoint from before options had one) is completed from conf/prior/
+    assert isinstance(options.build("prior", {"name": "standard"}, latent_dim=2), StandardPrior)
+    assert isinstance(options.build("prior", {"name": "none"}, latent_dim=2), NoPrior)
+    gmm = options.build("prior", {"name": "gmm", "components": 7, "kl": "mc"}, latent_dim=4)
     assert (gmm.components, gmm.estimator, tuple(gmm.means.shape)) == (7, "mc", (7, 4))
-    with pytest.raises(ValueError, match="unknown prior 'vamp'"):
-        build({"name": "vamp"}, 2)
+    with pytest.raises(ConfigError, match="prior=vamp is not allowed: its config has no _target_"):
+        options.build("prior", {"name": "vamp"}, latent_dim=2)
+    with pytest.raises(ConfigError, match="prior.kl='exact' is not allowed: choose one of bound, tight, mc"):
+        options.build("prior", {"name": "gmm", "kl": "exact"}, latent_dim=2)

@@ -13,7 +13,7 @@ import pytest
 from conftest import all_runs, job_env, prepared_store, slowed_cli
 
 from vae_sweeps import evaluate, judge
-from vae_sweeps.data import load_arrays, to_tensors
+from vae_sweeps.data import MNIST, load_arrays, to_tensors
 
 DATA = Path(os.environ.get("VAE_SWEEPS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 pytestmark = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {DATA}")
@@ -30,7 +30,8 @@ def tiny_judge(tmp_path):
     x, y = to_tensors(*load_arrays("mnist", DATA, download_missing=False)["train"])
     splits = {"train": (x[:800], y[:800]), "val": (x[800:1000], y[800:1000]), "test": (x[1000:1200], y[1000:1200])}
     client, experiment = evaluate.judges_experiment(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
-    judge.load_or_train(client, experiment, "mnist", splits, epochs=5)  # eval.judge_epochs' default
+    key = judge.data_key("mnist", MNIST(root=str(DATA), download=False))  # the runs' judge
+    judge.load_or_train(client, experiment, key, splits, epochs=5)  # eval.judge_epochs' default
 
 
 def command(tmp_path: Path, *args: str, flags=(), cli=(sys.executable, "-m", "vae_sweeps")) -> list[str]:

@@ -4,13 +4,13 @@ dataset and description, and artifact locations that follow a moved or copied st
 import logging
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from conftest import compose_tiny
 from mlflow import MlflowClient
 
 from vae_sweeps import report, tracking
+from vae_sweeps.data import ImageDataModule
 from vae_sweeps.train import train
 
 
@@ -18,9 +18,12 @@ def uri(folder) -> str:
     return f"sqlite:///{folder}/mlruns/mlflow.db"
 
 
-def fake_datamodule(name: str, train_size: int) -> SimpleNamespace:
+def fake_datamodule(name: str, train_size: int) -> ImageDataModule:
+    """The data option ``name``'s DataModule, with splits of these sizes in place of its files."""
+    datamodule = ImageDataModule(name, root="unused", download=False)
     labels = {"train": train_size, "val": 16, "test": 32}
-    return SimpleNamespace(name=name, splits={k: (None, torch.zeros(n)) for k, n in labels.items()})
+    datamodule.splits = {k: (None, torch.zeros(n)) for k, n in labels.items()}
+    return datamodule
 
 
 def test_a_new_experiment_is_a_model_training_one(tmp_path):

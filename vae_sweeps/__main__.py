@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vae_sweeps import devices
-from vae_sweeps.errors import UserError, refuse_password
+from vae_sweeps.errors import SweepFailed, UserError, refuse_password
 
 devices.register_resolver()  # ${jobs_at_once:...} of hydra/launcher=joblib_gpu, before Hydra composes
 
@@ -56,7 +56,10 @@ if __name__ == "__main__":
     os.environ["VAE_SWEEPS_LAUNCH_ID"] = uuid.uuid4().hex[:6]
     try:
         main()
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (train.Interrupted), in a run or a sweep
+    except SweepFailed as err:  # jobs with bad values (2), or jobs that failed (1): the study sweeper's list
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.status)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (faults.Interrupted), in a run or a sweep
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         sys.exit(128 + signum)  # as a shell expects: 130, 143

@@ -1,27 +1,27 @@
 """Checks of the composed config, run at the start of every job before any training.
 
-Hydra overrides bypass dataclass checks, so each value that the study's axes or the
-trainer take is checked here; the first bad one raises a ConfigError whose message names
-the key, the bad value and what is allowed.
+Hydra overrides bypass dataclass checks, so each value is checked here, and the first bad
+one raises a ConfigError whose message names the key, the bad value and what is allowed.
+This module is a dispatcher: the settings shared by every option (``model.latent_dim``,
+``loss``, ``optim``, the trainer, the evaluation, tracking) are checked here, and each axis
+option (a model, dataset or prior: ours or a user's) checks its own settings when it is built
+(options.build; the model and prior on PyTorch's meta device, which allocates nothing).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vae_sweeps import models, priors
-from vae_sweeps.data import DATASETS, TRAIN_IMAGES
+from vae_sweeps import options
 from vae_sweeps.errors import ConfigError, refuse_password
 from vae_sweeps.losses import RECON_LOSSES
-from vae_sweeps.models import ARCHITECTURES, MLP_DEPTHS
-from vae_sweeps.module import OPTIMIZERS
-from vae_sweeps.priors import KL_ESTIMATORS, PRIORS
+from vae_sweeps.optimizers import OPTIMIZERS
+from vae_sweeps.options import plain as _plain
 
 # The most parameters a model may have: 4 GB of float32 weights, 16 GB with their gradients and
 # Adam's two moments.
@@ -29,10 +29,6 @@ MAX_PARAMETERS = 10**9
 # The schemes of the tracking stores that MLflow opens (postgresql+psycopg://... too); MLflow 3
 # no longer opens its file store (./mlruns, file:...).
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
-
-
-def _plain(value):
-    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def _fail(key: str, value, allowed: str) -> None:
@@ -63,37 +59,40 @@ def _positive_finite(key: str, value, example: str) -> None:
         _fail(key, value, f"it must be a finite number > 0, e.g. {key}={example}")
 
 
-def _widths(key: str, value, count: int | None, example: str, least: int = 0) -> None:
-    """A list of positive integers: exactly ``count`` of them, or (count None) at least ``least``."""
-    widths = _plain(value)
-    ok = isinstance(widths, list) and all(_is_int(w) and w > 0 for w in widths)
-    if not ok or len(widths) != (len(widths) if count is None else count) or len(widths) < least:
-        need = f"exactly {count}" if count is not None else f"at least {least}"
-        _fail(key, value, f"it must be a list of {need} positive integers, e.g. {key}={example}")
-
-
-def parameter_count(model: DictConfig, prior: DictConfig) -> int | None:
-    """The parameters of the VAE that these settings build, counted on PyTorch's meta device
-    (shapes only, no memory); None if a shape is beyond what PyTorch can describe."""
+def build_on_meta(model: DictConfig, prior: DictConfig, image_shape: tuple[int, ...]) -> list[torch.nn.Module]:
+    """The model's encoder and decoder and the prior, built on PyTorch's meta device (shapes
+    only, no memory): each checks its own settings. Raises ConfigError; returns [] if a shape
+    is beyond what PyTorch can describe."""
     try:
         with torch.device("meta"):
-            modules = [*models.build(model.name, model.latent_dim, model.hidden, model.get("channels")),
-                       priors.build(_plain(prior), model.latent_dim)]
-    except (RuntimeError, TypeError):  # "Storage size calculation overflowed", "Overflow when unpacking long"
-        return None
-    return sum(p.numel() for module in modules for p in module.parameters())
+            encoder, decoder = options.build("model", model, image_shape=tuple(image_shape))
+            return [encoder, decoder, options.build("prior", prior, latent_dim=model.latent_dim)]
+    except ConfigError as err:  # "Storage size calculation overflowed", "Overflow when unpacking long"
+        if "overflow" not in str(err).lower():
+            raise
+    return []
 
 
-def _model_size(model: DictConfig, prior: DictConfig) -> None:
-    count = parameter_count(model, prior)
+def _model_size(model: DictConfig, prior: DictConfig, image_shape: tuple[int, ...]) -> None:
+    modules = build_on_meta(model, prior, image_shape)
+    count = sum(p.numel() for module in modules for p in module.parameters()) if modules else None
     if count is None or count > MAX_PARAMETERS:
-        sizes = [f"model.{key}={_plain(model[key])}" for key in ("latent_dim", "hidden", "channels")
-                 if model.get(key) is not None]
-        sizes += [f"prior.components={prior.components}"] if prior.name == "gmm" else []
+        # what sizes it: the latent dim, the model's widths (lists) and the prior's counts
+        sizes = [f"model.latent_dim={model.latent_dim}"]
+        sizes += [f"model.{key}={_plain(value)}" for key, value in model.items()
+                  if isinstance(_plain(value), list) and _is_size(_plain(value))]
+        sizes += [f"prior.{key}={_plain(value)}" for key, value in prior.items()
+                  if key != "name" and _is_size(_plain(value))]
         has = f"{count:,} parameters" if count is not None else "more parameters than PyTorch can count"
         raise ConfigError(f"{sizes[0]} with {', '.join(sizes[1:])} is not allowed: this {model.name} would have "
                           f"{has}, more than {MAX_PARAMETERS:,} (16 GB of float32 weights, gradients and Adam's "
                           "moments); choose smaller sizes, e.g. model.latent_dim=2.")
+
+
+def _is_size(value) -> bool:
+    """An integer or a list of integers: a setting that may size the model."""
+    values = value if isinstance(value, list) else [value]
+    return bool(values) and all(_is_int(v) for v in values)
 
 
 def _tracking_uri(key: str, uri) -> None:
@@ -129,42 +128,24 @@ def validate_tracking(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first value that is not allowed; then store float settings
     as floats, so that ``loss.c=1`` and ``loss.c=1.0`` log (and group) as one setting."""
-    model, loss, data = cfg.model, cfg.loss, cfg.data
-    _choice("model.name", model.name, ARCHITECTURES, "model=<name> on the command line")
+    model, loss = cfg.model, cfg.loss
+    options.check_name("model", model)
     _int_at_least("model.latent_dim", model.latent_dim, 1, "2 (the study uses 1, 2, 5, 10, 20)")
-    if model.name in MLP_DEPTHS:
-        depth = MLP_DEPTHS[model.name]
-        _widths("model.hidden", model.hidden, depth - 1, f"[{', '.join(['256'] * (depth - 1))}] "
-                f"({model.name} has {depth - 1} hidden layer(s))")
-    else:
-        _widths("model.channels", model.get("channels"), None, "[32,64]", least=1)
-        _widths("model.hidden", model.hidden, None, "[256]")
-
     _choice("loss.name", loss.name, list(RECON_LOSSES), "loss=<name> on the command line")
     _positive_finite("loss.c", loss.c, "1.0")
-
-    prior = cfg.prior
-    _choice("prior.name", prior.name, PRIORS, "prior=<name> on the command line")
-    if prior.name == "gmm":
-        _int_at_least("prior.components", prior.components, 1, "10")
-        _choice("prior.kl", prior.kl, KL_ESTIMATORS, "prior.kl=<estimator>")
-    _model_size(model, prior)
-
-    _choice("data.name", data.name, list(DATASETS), "data=<name> on the command line")
-    _int_at_least("data.batch_size", data.batch_size, 1, "128")
-    _int_at_least("data.val_size", data.val_size, 1, "5000")
-    root = Path(str(data.root))
-    if root.exists() and not root.is_dir():
-        _fail("data.root", str(data.root), "it must be a directory, the one that holds MNIST/raw/ or "
-              "FashionMNIST/raw/ (set data.root=... or VAE_SWEEPS_DATA_DIR)")
+    options.check_name("prior", cfg.prior)
+    options.check_name("data", cfg.data)
+    datamodule = options.build("data", cfg.data, seed=cfg.seed)  # reads no file yet
+    _model_size(model, cfg.prior, datamodule.image_shape)
 
     _int_at_least("trainer.max_epochs", cfg.trainer.max_epochs, 1, "30")
     _int_at_least("eval.iw_samples", cfg.eval.iw_samples, 1, "50")
     _int_at_least("eval.knn_k", cfg.eval.knn_k, 1, "5")
-    train_images = TRAIN_IMAGES - data.val_size  # the k-NN's reference set
-    if 0 < train_images < cfg.eval.knn_k:
-        _fail("eval.knn_k", cfg.eval.knn_k, f"it must be at most the number of training images, {train_images} "
-              f"({TRAIN_IMAGES} less data.val_size={data.val_size}), e.g. eval.knn_k=5")
+    if datamodule.train_images:  # the k-NN's reference set: the training images less validation's
+        train_images = datamodule.train_images - datamodule.val_size
+        if 0 < train_images < cfg.eval.knn_k:
+            _fail("eval.knn_k", cfg.eval.knn_k, f"it must be at most the number of training images, {train_images} "
+                  f"({datamodule.train_images} less data.val_size={datamodule.val_size}), e.g. eval.knn_k=5")
     _int_at_least("eval.judge_epochs", cfg.eval.judge_epochs, 1, "5")
     _int_at_least("jobs_per_gpu", cfg.jobs_per_gpu, 1, "4")
     _choice("optim.name", cfg.optim.name, list(OPTIMIZERS), "optim.name=<name>")

@@ -28,12 +28,14 @@ import pytorch_lightning as pl
 import torch
 from torchvision import datasets
 
-from vae_sweeps.errors import DataError
+from vae_sweeps.errors import BadValue, DataError
 
 log = logging.getLogger(__name__)
 
-# The datasets of the data axis (conf/data/): torchvision classes with MNIST's file layout.
+# The torchvision datasets of ImageDataModule (conf/data/mnist.yaml, fashion_mnist.yaml), with
+# MNIST's file layout, and their names as the MLflow runs table shows them.
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 # (images, labels) file names of each split, as published (torchvision keeps them decompressed).
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -41,6 +43,7 @@ SPLIT_FILES = {
 }
 STEMS = tuple(stem for pair in SPLIT_FILES.values() for stem in pair)
 IMAGE_SIZE = 28
+IMAGE_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)  # (channels, height, width)
 TRAIN_IMAGES = 60000  # in the training file of each dataset
 # The SHA-256 of each decompressed file as published (what torchvision reads): files already on
 # disk are checked against it, so that one dataset's files in another's folder are refused.
@@ -264,29 +267,55 @@ class TensorBatches:
 
 
 def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, 28, 28) images -> float32 (N, 1, 28, 28) in [0, 1]; labels -> int64."""
-    x = torch.from_numpy(images.astype(np.float32)).div_(255.0).unsqueeze(1)
-    return x, torch.from_numpy(labels.astype(np.int64))
+    """uint8 (N, H, W) or (N, C, H, W) images -> float32 (N, C, H, W) in [0, 1]; labels -> int64."""
+    x = torch.from_numpy(images.astype(np.float32)).div_(255.0)
+    return (x.unsqueeze(1) if x.ndim == 3 else x), torch.from_numpy(labels.astype(np.int64))
 
 
-class ImageDataModule(pl.LightningDataModule):
-    """MNIST or Fashion-MNIST: train = first N - val_size training images, val = the last
-    val_size, test = the official test set."""
+def _count(key: str, value, example: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadValue(key, value, f"it must be a positive integer, e.g. {example}")
+    return value
 
-    def __init__(self, name: str = "mnist", root: str = "data", download: bool = True,
-                 batch_size: int = 128, val_size: int = 5000, seed: int = 0, verify: bool = True):
+
+class ImageData(pl.LightningDataModule):
+    """The data axis's interface: labelled images held in memory, train = the first N - val_size
+    training images, val = the last val_size, test = the test split.
+
+    A dataset option's class subclasses it and implements ``arrays`` (and sets ``image_shape``
+    and ``classes``); everything else (splits, batches in a seeded order, the GPU copy) is here.
+    """
+
+    image_shape: tuple[int, ...] = IMAGE_SHAPE  # (channels, height, width): what the model is built for
+    classes: tuple[str, ...] = tuple(str(k) for k in range(10))  # the label names, for the figures
+    train_images: int | None = None  # in the training split, where known before loading (config checks)
+
+    def __init__(self, batch_size: int = 128, val_size: int = 5000, seed: int = 0):
         super().__init__()
-        self.name, self.root, self.download, self.verify = name, root, download, verify
-        self.batch_size, self.val_size, self.seed = batch_size, val_size, seed
-        self.classes = classes(name)
+        self.batch_size = _count("batch_size", batch_size, "128")
+        self.val_size = _count("val_size", val_size, "5000")
+        self.seed = seed
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{"train": (images, labels), "test": (images, labels)}: uint8 images (N, H, W) or
+        (N, C, H, W) and integer labels; raise DataError (one paragraph: the file, the fix)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What the MLflow UI shows as the run's dataset: its ``name``, where it comes from
+        (``url``) and ``checksums`` of its files (for the digest)."""
+        return {"name": type(self).__name__, "url": None, "checksums": []}
 
     def load(self) -> None:
         """Read the files into memory once (idempotent); raises DataError on bad files."""
         if self.splits:
             return
-        arrays = load_arrays(self.name, self.root, self.download, self.verify)
+        arrays = self.arrays()
         images, labels = to_tensors(*arrays["train"])
+        if tuple(images.shape[1:]) != tuple(self.image_shape):
+            raise DataError(f"The training images of {type(self).__name__} have the shape {tuple(images.shape[1:])}, "
+                            f"but it declares image_shape = {tuple(self.image_shape)}.")
         if not 0 < self.val_size < len(images):
             raise DataError(
                 f"data.val_size={self.val_size} is not allowed: it must be between 1 and "
@@ -318,3 +347,43 @@ class ImageDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> TensorBatches:
         return self.batches("test")
+
+
+class ImageDataModule(ImageData):
+    """MNIST or Fashion-MNIST (``name``, a key of DATASETS), read by torchvision from ``root``
+    and checked (load_arrays)."""
+
+    train_images = TRAIN_IMAGES
+
+    def __init__(self, name: str = "mnist", root: str = "data", download: bool = True,
+                 batch_size: int = 128, val_size: int = 5000, seed: int = 0, verify: bool = True):
+        super().__init__(batch_size, val_size, seed)
+        if name not in DATASETS:
+            raise BadValue("name", name, f"choose one of {', '.join(DATASETS)}")
+        if Path(str(root)).exists() and not Path(str(root)).is_dir():
+            raise BadValue("root", str(root), "it must be a directory, the one that holds MNIST/raw/ or "
+                           "FashionMNIST/raw/ (set data.root=... or VAE_SWEEPS_DATA_DIR)")
+        self.name, self.root, self.download, self.verify = name, root, download, verify
+        self.classes = classes(name)
+
+    def arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return load_arrays(self.name, self.root, self.download, self.verify)
+
+    def describe(self) -> dict:
+        source = DATASETS[self.name]
+        return {"name": DATASET_TITLES[self.name], "url": source.mirrors[0],
+                "checksums": [md5 for _, md5 in source.resources]}
+
+
+class MNIST(ImageDataModule):
+    """conf/data/mnist.yaml."""
+
+    def __init__(self, **settings):
+        super().__init__("mnist", **settings)
+
+
+class FashionMNIST(ImageDataModule):
+    """conf/data/fashion_mnist.yaml."""
+
+    def __init__(self, **settings):
+        super().__init__("fashion_mnist", **settings)

@@ -15,6 +15,17 @@ class DataError(UserError, RuntimeError):
     """Dataset files that are missing, cannot be downloaded, or are not valid IDX files."""
 
 
+class BadValue(ValueError):
+    """Raised by an axis option's code (a model, dataset or prior, the project's or a user's) for
+    one of its own arguments: ``key`` (the argument, e.g. ``hidden``), the bad ``value`` and what
+    is ``allowed``. The config check turns it into a ConfigError that names the full key
+    (``model.hidden``), before any training starts."""
+
+    def __init__(self, key: str, value, allowed: str):
+        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
 def refuse_password(source: str, uri: str) -> None:
     """Raise ConfigError if the URI ``uri``, given as ``source``, holds a password. Credentials stay
     out of the command line and the config: Hydra saves both under outputs/, and MLflow prints
@@ -30,3 +41,20 @@ def refuse_password(source: str, uri: str) -> None:
                           f"MLflow. Give it without credentials ({source}={bare}) and set MLFLOW_TRACKING_USERNAME "
                           "and MLFLOW_TRACKING_PASSWORD in the environment instead, which MLflow sends to the tracking "
                           "server (for a PostgreSQL database: PGPASSWORD or ~/.pgpass).")
+
+
+class SweepFailed(BaseException):
+    """The end of a sweep that the CLI reports as ``error: <message>`` and exits with ``status``:
+    2 when jobs have bad values and none was started, 1 when jobs failed (``returns``: the
+    JobReturns of every launched job, one list per batch). Raised by the study sweeper
+    (hydra_plugins/vae_sweeps_sweeper/study_sweeper.py), whose module Hydra executes anew when
+    it scans its plugins, so the class is defined here, once; and by the sweep's tracking
+    callback (tracking.PrepareTracking) for a store that cannot be used.
+
+    A BaseException, as SystemExit and KeyboardInterrupt are: Hydra's ``run_and_report``, around
+    the sweep, prints any Exception as a traceback and exits 1, and this one must reach the CLI."""
+
+    def __init__(self, message: str, status: int, returns=()):
+        super().__init__(message)
+        self.status = status
+        self.returns = list(returns)

@@ -27,11 +27,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from vae_sweeps import evaluation, identity, judge, tracking
-from vae_sweeps.data import ImageDataModule
+from vae_sweeps import evaluation, identity, judge, options, tracking
 from vae_sweeps.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def judges_experiment(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     return tracking.open_store(uri, f"{experiment}-judges")
 
 
-def compute(parts: list[str], vae, datamodule: ImageDataModule, settings: dict, uri: str, experiment: str
+def compute(parts: list[str], vae, datamodule, settings: dict, uri: str, experiment: str
             ) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) of the evaluation ``parts`` for a trained VAE; ``settings`` are the run's
     params (``eval.*``, ``seed``), completed with today's defaults."""
@@ -61,8 +61,9 @@ def compute(parts: list[str], vae, datamodule: ImageDataModule, settings: dict, 
     if "judge" in parts:
         client, judges = judges_experiment(uri, experiment)
         epochs = int(settings["eval.judge_epochs"])
-        with tracking.claim(uri, f"judge-{datamodule.name}-{epochs}"):  # parallel jobs train it once
-            the_judge = judge.load_or_train(client, judges, datamodule.name, datamodule.splits, epochs)
+        dataset = judge.data_key(settings["data.name"], datamodule)
+        with tracking.claim(uri, f"judge-{dataset}-{epochs}"):  # parallel jobs train it once
+            the_judge = judge.load_or_train(client, judges, dataset, datamodule.splits, epochs)
         the_judge = the_judge.to(next(vae.parameters()).device)
         judged, drawn = judge.judge_metrics(the_judge, vae, datamodule.splits["test"], int(settings["seed"]))
         metrics.update(judged)
@@ -102,6 +103,28 @@ def pending(client, experiment: str, filters: dict[str, str]) -> list[tuple[obje
     return todo
 
 
+def data_option(settings: dict, data_root: str) -> tuple:
+    """The data option of a run (its ``data.*`` params, completed), as a hashable key, reading
+    from ``data_root`` and downloading nothing. The run's own ``data.verify``: a run on files of
+    the user's own skipped the digest check."""
+    option = {**(options.option_config("data", settings["data.name"]) or {}),
+              **{key[len("data."):]: value for key, value in settings.items() if key.startswith("data.")}}
+    typed = {key: _typed(value) for key, value in option.items()}
+    if "root" in typed:
+        typed.update(root=data_root, download=False)
+    return tuple(sorted(typed.items()))
+
+
+def _typed(value):
+    """A param's string as the YAML value it came from (``128`` -> 128, ``False`` -> False)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
 def backfill(uri: str, experiment: str, filters: dict[str, str], data_root: str, dry_run: bool = False) -> int:
     """Evaluate every pending run (see ``pending``); returns how many were (or would be) filled."""
     from vae_sweeps.module import VAEModule  # Lightning: only when there is work
@@ -115,16 +138,13 @@ def backfill(uri: str, experiment: str, filters: dict[str, str], data_root: str,
     if dry_run or not todo:
         return len(todo)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    datamodules: dict[tuple, ImageDataModule] = {}
+    datamodules = {}
     for run, parts in todo:
         settings = identity.completed(run.data.params)
-        # the run's own data.verify: a run on files of the user's own skipped the digest check
-        data_key = (settings["data.name"], int(settings["data.val_size"]), run.data.params.get("data.verify") != "False")
-        if data_key not in datamodules:
-            datamodules[data_key] = ImageDataModule(data_key[0], data_root, download=False, val_size=data_key[1],
-                                                    verify=data_key[2])
-            datamodules[data_key].load()
-        datamodule = datamodules[data_key]
+        datamodule = datamodules.get(data_key := data_option(settings, data_root))
+        if datamodule is None:
+            datamodule = datamodules[data_key] = options.build("data", dict(data_key), seed=int(settings["seed"]))
+            datamodule.load()
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = client.download_artifacts(run.info.run_id, "checkpoints/last.ckpt", tmp)
             module = VAEModule.load_from_checkpoint(checkpoint, map_location=device, weights_only=True)

@@ -14,8 +14,7 @@
   the training latent means.
 - ``test/sharpness``: the mean image-gradient magnitude of the reconstructions relative to
   the originals' (1 = as sharp as the data).
-- For a Gaussian-mixture prior, ``test/kl_mc``, ``test/kl_bound``, ``test/kl_tight`` and the
-  bounds' gaps to the MC estimate, ``test/kl_bound_gap`` and ``test/kl_tight_gap``.
+- ``test/<name>`` for each test metric of the prior's own (``Prior.metrics``, priors.py).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vae_sweeps.losses import RECON_LOSSES
-from vae_sweeps.priors import MixturePrior, gaussian_log_prob
+from vae_sweeps.priors import gaussian_log_prob
 
 
 @torch.no_grad()
@@ -92,24 +91,7 @@ def evaluate(vae, splits: dict, iw_samples: int, knn_k: int, batch: int = 1000) 
     metrics["test/knn_accuracy"] = knn_accuracy(vae.encode_means(train_x, batch), train_y, test_means, test_y, knn_k)
     if not vae.prior.deterministic:
         metrics["test/elbo"], metrics["test/log_px"] = elbo_and_log_px(vae, test_x, iw_samples)
-    if isinstance(vae.prior, MixturePrior):
-        metrics.update(mixture_kls(vae, test_x, batch))
+    metrics.update({f"test/{name}": value for name, value in vae.prior.metrics(vae, test_x, batch).items()})
     vae.train(was_training)
     return metrics
 
-
-@torch.no_grad()
-def mixture_kls(vae, images: torch.Tensor, batch: int) -> dict[str, float]:
-    """Per-image means of the three KL estimates, and the bounds' gaps to the MC one."""
-    per_image = {"mc": [], "bound": [], "tight": []}  # on the device until the read-back
-    prior = vae.prior
-    for x in images.split(batch):
-        mu, logvar = vae.encode(x)
-        z = vae.reparameterize(mu, logvar)
-        per_image["mc"].append(prior.kl_mc(mu, logvar, z))
-        per_image["bound"].append(prior.kl_bound(mu, logvar))
-        per_image["tight"].append(prior.kl_tight(mu, logvar))
-    kls = {f"test/kl_{name}": torch.cat(values).double().mean().item() for name, values in per_image.items()}
-    for name in ("bound", "tight"):
-        kls[f"test/kl_{name}_gap"] = kls[f"test/kl_{name}"] - kls["test/kl_mc"]
-    return kls

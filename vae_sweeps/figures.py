@@ -162,8 +162,8 @@ def projection_2d(means: np.ndarray):
 
 
 def latent_scatter(means: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], caption: str,
-                   title: str = "Test-set latent means by class", components: np.ndarray | None = None) -> Figure:
-    """The latent means coloured by class; a mixture prior's component means as black crosses."""
+                   title: str = "Test-set latent means by class", landmarks: np.ndarray | None = None) -> Figure:
+    """The latent means coloured by class; the prior's ``landmarks`` (Prior.landmarks) as black crosses."""
     project, (xlabel, ylabel) = projection_2d(means)
     points = project(means)
     if means.shape[1] == 1:  # spread the classes vertically so they can be told apart
@@ -176,15 +176,15 @@ def latent_scatter(means: np.ndarray, labels: np.ndarray, classes: tuple[str, ..
         mask = labels == k
         if mask.any():
             ax.scatter(points[mask, 0], points[mask, 1], s=3, alpha=0.6, color=colours[k % 10], label=name)
-    if components is not None and means.shape[1] > 1:
-        centres = project(components)
+    if landmarks is not None and means.shape[1] > 1:
+        centres = project(landmarks)
         ax.scatter(centres[:, 0], centres[:, 1], s=60, marker="x", color="black", linewidths=2,
-                   label="prior components")
+                   label="prior landmarks")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} (latent dim {means.shape[1]})", fontsize=10)
     legend = ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-    for handle in legend.legend_handles:  # one readable marker size for classes and components
+    for handle in legend.legend_handles:  # one readable marker size for classes and landmarks
         handle.set_sizes([24])
     _caption(fig, caption)
     return fig
@@ -233,10 +233,11 @@ def run_figures(vae, test_images: torch.Tensor, test_labels: torch.Tensor, class
 
     x = test_images[fixed_test_indices(test_labels)]
     means = vae.encode_means(test_images).cpu().numpy()
-    components = vae.prior.means.detach().cpu().numpy() if hasattr(vae.prior, "means") else None
+    landmarks = vae.prior.landmarks()
+    landmarks = landmarks.cpu().numpy() if landmarks is not None else None
     figs = {
         "reconstructions": reconstructions(x, vae.reconstruct(x), caption),
-        "latent_scatter": latent_scatter(means, test_labels.cpu().numpy(), classes, caption, components=components),
+        "latent_scatter": latent_scatter(means, test_labels.cpu().numpy(), classes, caption, landmarks=landmarks),
         "samples": samples(vae.sample(64), caption),
         "loss_curves": loss_curves({"this run": curves}, caption),
     }

@@ -9,9 +9,9 @@ the report (group the seeds of one configuration).
 - **result settings**: the params that change what a run computes (seed included; not threads,
   progress bars and the like).
 - **identity** (``run_key``): a hash of the result settings that differ from their defaults.
-  The defaults are those of the config composed with the run's own options of the study's axes
-  (``model=cnn``, ``prior=gmm``, ...), so a setting added later with a default (as ``prior`` and
-  ``eval`` were) changes no identity: a run logged before it existed is the same run as a new
+  The defaults are those of the config composed with the run's own options of the study's
+  axes (``model=cnn``, ``data=fashion_mnist``, ...), so a setting added later with a default
+  (as ``prior`` and ``eval`` were) changes no identity: a run logged before it existed is the same run as a new
   config that keeps the default. A run's identity is computed from its params, never from a
   stored tag, so it is the same whichever version of vae_sweeps logged it.
 - **names**: ``run_name`` (the MLflow run name) and ``caption`` (its description and the
@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
 # Not params: Hydra's own settings, machine-specific paths, the tracking settings (the URI may
 # hold credentials), free-form tags, and force.
 NOT_PARAMS = ("hydra", "paths", "tracking", "tags", "force", "data.root")
@@ -41,6 +42,18 @@ NOT_RESULTS = (*NOT_PARAMS, "threads", "jobs_per_gpu", "data.download", "data.ve
 # The study's axes whose option is chosen by name (``model=cnn``); the option's ``name`` key says
 # which one a run used.
 AXES = ("data", "model", "loss", "prior")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The project's config composed with ``overrides``: inside a Hydra app with the app's own
+    search path (``--config-dir`` included), elsewhere (the report, tests) from ``conf/``."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name="config", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def flatten(cfg: DictConfig, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
@@ -87,16 +100,9 @@ def defaults(options: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
     """The result settings of the config composed with these axis options and nothing else:
     what a run that named only these options would have used. {} if they do not compose (an
     option that no longer exists)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     overrides = [f"{axis}={option}" for axis, option in options] + ["paths.output_dir=."]
     try:
-        if GlobalHydra.instance().is_initialized():  # inside the app: its own config search path
-            cfg = compose(config_name="config", overrides=overrides)
-        else:
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose(overrides)
     except Exception as err:  # an option that does not exist (any more): no defaults to drop
         log.debug("No defaults for %s: %s", overrides, err)
         return {}
@@ -138,15 +144,17 @@ def _prior_label(prior) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """The MLflow run name, e.g. ``mlp3-bce-z2-c1-mnist-s0`` (the prior shown unless standard)."""
-    prior = "" if cfg.prior.name == "standard" else f"-{_prior_label(cfg.prior)}"
+    """The MLflow run name, e.g. ``mlp3-bce-z2-c1-mnist-s0`` (the prior shown unless it is the
+    default one)."""
+    prior = "" if cfg.prior.name == defaults().get("prior.name") else f"-{_prior_label(cfg.prior)}"
     return (f"{cfg.model.name}-{cfg.loss.name}-z{cfg.model.latent_dim}-c{cfg.loss.c:g}{prior}"
             f"-{cfg.data.name}-s{cfg.seed}")
 
 
 def caption(cfg: DictConfig, run_id: str) -> str:
     """One line that says what a run is: its description in MLflow and its figures' caption."""
-    extra = ", ".join(f"{key} {value}" for key, value in cfg.prior.items() if key != "name" and value is not None)
+    extra = ", ".join(f"{key} {value}" for key, value in cfg.prior.items()
+                      if key not in ("name", "_target_") and value is not None)
     prior = cfg.prior.name + (f" ({extra})" if extra else "")
     return (f"{cfg.model.name} | {cfg.loss.name} | latent dim {cfg.model.latent_dim} | c = {cfg.loss.c:g} | "
             f"prior {prior} | {cfg.data.name} | seed {cfg.seed} | {cfg.trainer.max_epochs} epochs | run {run_id[:8]}")

@@ -22,6 +22,8 @@ With it, each run logs (``judge_metrics``):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import tempfile
@@ -46,12 +48,13 @@ class Judge(nn.Module):
     """Two 3x3 convolutions with max-pooling (28 -> 14 -> 7), then 128 hidden units: 99.0%
     test accuracy on MNIST and 90.2% on Fashion-MNIST after 5 epochs (measured here)."""
 
-    def __init__(self, classes: int = 10):
+    def __init__(self, classes: int = 10, image_shape: tuple[int, ...] = (1, 28, 28)):
         super().__init__()
+        channels, height, width = image_shape
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, classes))
+            nn.Flatten(), nn.Linear(32 * (height // 4) * (width // 4), 128), nn.ReLU(), nn.Linear(128, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -66,7 +69,7 @@ def fit(images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int = 0, 
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        judge = Judge(int(labels.max()) + 1).to(images.device)
+        judge = Judge(int(labels.max()) + 1, tuple(images.shape[1:])).to(images.device)
     optimizer = torch.optim.Adam(judge.parameters(), lr=1e-3)
     judge.train()
     for _ in range(epochs):
@@ -83,9 +86,18 @@ def accuracy(judge: Judge, images: torch.Tensor, labels: torch.Tensor) -> float:
     return (judge.probabilities(images).argmax(1) == labels).double().mean().item()
 
 
+def data_key(name: str, datamodule) -> str:
+    """What a judge is trained for: the data option's ``name`` and a digest of its files
+    (ImageData.describe), so that two datasets of one option (a user's .npz files) never share
+    a judge, while every copy of MNIST does."""
+    described = datamodule.describe()
+    digest = hashlib.sha256(json.dumps([described["name"], described["checksums"]]).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
+
+
 def load_or_train(client, experiment_id: str, dataset: str, splits: dict, epochs: int) -> Judge:
-    """The judge of ``dataset`` stored in the judges' experiment, or a new one trained on the
-    whole training file (train and validation splits) and stored there."""
+    """The judge of ``dataset`` (data_key) stored in the judges' experiment, or a new one
+    trained on the whole training file (train and validation splits) and stored there."""
     found = client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
                                filter_string=f"tags.judge_dataset = '{dataset}' and tags.judge_version = "
                                              f"'{JUDGE_VERSION}' and params.epochs = '{epochs}' and "
@@ -93,7 +105,8 @@ def load_or_train(client, experiment_id: str, dataset: str, splits: dict, epochs
     if found:
         local = client.download_artifacts(found[0].info.run_id, ARTIFACT)
         state = torch.load(local, map_location="cpu", weights_only=True)
-        judge = Judge(classes=len(next(reversed(state.values()))))  # the last layer's bias: one per class
+        judge = Judge(len(next(reversed(state.values()))),  # the last layer's bias: one per class
+                      tuple(splits["test"][0].shape[1:]))
         judge.load_state_dict(state)
         return judge.eval()
 
@@ -117,11 +130,11 @@ def load_or_train(client, experiment_id: str, dataset: str, splits: dict, epochs
 
 
 @torch.no_grad()
-def decoder_sweep(vae) -> torch.Tensor:
+def decoder_sweep(vae, image_shape: tuple[int, ...]) -> torch.Tensor:
     """Images the decoder draws over z in [-5, 5] (dim 1) or [-5, 5]^2 (dim 2); none otherwise."""
     points = SWEEP_POINTS.get(vae.latent_dim)
     if points is None:
-        return torch.empty(0, 1, 28, 28)
+        return torch.empty(0, *image_shape)
     axis = torch.linspace(-GRID_LIMIT, GRID_LIMIT, points)
     z = axis.unsqueeze(1) if vae.latent_dim == 1 else torch.cartesian_prod(axis, axis)
     device = next(vae.parameters()).device
@@ -149,7 +162,7 @@ def judge_metrics(judge: Judge, vae, test: tuple[torch.Tensor, torch.Tensor], se
         torch.manual_seed(seed)
         samples = vae.sample(PRIOR_SAMPLES)
     sample_probs = judge.probabilities(samples.to(device))
-    drawn_probs = torch.cat([judge.probabilities(decoder_sweep(vae).to(device)), sample_probs])
+    drawn_probs = torch.cat([judge.probabilities(decoder_sweep(vae, tuple(images.shape[1:])).to(device)), sample_probs])
     confident = drawn_probs.max(1).values >= CONFIDENCE
     drawn = sorted(set(drawn_probs.argmax(1)[confident].tolist()))
     counts = torch.bincount(sample_probs.argmax(1), minlength=classes).double()

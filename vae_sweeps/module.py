@@ -5,23 +5,23 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from vae_sweeps import models, priors
+from vae_sweeps import options
+from vae_sweeps.optimizers import FUSED, OPTIMIZERS
 from vae_sweeps.vae import VAE
 
-OPTIMIZERS = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "nadam": torch.optim.NAdam,
-    "sgd": torch.optim.SGD,
-}
-# torch's fused kernels do one optimizer step in one pass over the parameters, on CPU and
-# GPU: the same update, about 25% less time per training step for the MLPs here (make bench).
-FUSED = {"adam", "adamw", "sgd"}
 METRICS = ("loss", "recon", "kl")
 # Training steps between two looks for a non-finite loss. A look reads one number back from
 # the device, which on a GPU waits for every step queued so far, so it is not done every step;
 # the end of each epoch looks too, before the epoch's checkpoint is saved.
 CHECK_EVERY = 100
+
+
+def build_vae(model: dict, prior: dict, loss: dict, image_shape: tuple[int, ...]) -> VAE:
+    """The VAE of these options (the configs of the ``model`` and ``prior`` axes, the ``loss``
+    settings) for images of ``image_shape``."""
+    encoder, decoder = options.build("model", model, image_shape=tuple(image_shape))
+    prior = options.build("prior", prior, latent_dim=model["latent_dim"])
+    return VAE(encoder, decoder, prior, recon=loss["name"], c=loss["c"])
 
 
 class NonFiniteLoss(RuntimeError):
@@ -39,7 +39,8 @@ class VAEModule(pl.LightningModule):
     closure machinery costs about 0.4 ms a step. Lightning therefore refuses
     ``trainer.gradient_clip_val`` and ``trainer.accumulate_grad_batches`` with a clear error.
     Its hyper-parameters are plain dicts (the ``model``, ``loss``, ``optim`` and ``prior``
-    config groups), so a checkpoint loads with ``weights_only=True``.
+    config groups) and the dataset's image shape, so a checkpoint loads with
+    ``weights_only=True``; the model and prior are built from their options (options.build).
 
     A training step never waits for the device: a non-finite loss is noted on the device
     (the first such step and its loss), and looked for every ``check_every`` steps and at
@@ -50,13 +51,12 @@ class VAEModule(pl.LightningModule):
 
     check_every = CHECK_EVERY
 
-    def __init__(self, model: dict, loss: dict, optim: dict, prior: dict | None = None):
+    def __init__(self, model: dict, loss: dict, optim: dict, prior: dict | None = None,
+                 image_shape: tuple[int, ...] = (1, 28, 28)):  # a checkpoint from before it was a setting: MNIST's
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        encoder, decoder = models.build(model["name"], model["latent_dim"], model["hidden"], model.get("channels"))
-        self.vae = VAE(encoder, decoder, model["latent_dim"], recon=loss["name"], c=loss["c"],
-                       prior=priors.build(prior or {"name": "standard"}, model["latent_dim"]))
+        self.vae = build_vae(model, prior or options.default("prior"), loss, image_shape)
         self.sums: dict[str, tuple[torch.Tensor, int]] = {}  # stage: (sums of METRICS, images)
         self.bad_step: torch.Tensor | None = None  # the first step with a non-finite loss; 0: none yet
         self.bad_loss: torch.Tensor | None = None  # that step's loss

@@ -11,8 +11,13 @@
     ``mc``:    ln q(z|x) - ln p(z) at the sampled z, exact in expectation.
 - ``none``: a plain autoencoder: z = mu(x), no KL; its "samples" decode N(0, I) draws.
 
-Every prior gives per-image values (summed over latent dimensions); ``log_prob`` is the
-density the evaluation uses, whatever the training estimator.
+Every prior is a ``Prior``: per-image values (summed over latent dimensions) of the KL term
+and of ``log_prob``, the density the evaluation uses whatever the training estimator; samples;
+the points the latent figures mark (``landmarks``); and any test metrics of its own
+(``metrics``). Nothing outside this module asks which prior it has. A prior option
+(``conf/prior/<name>.yaml``) names its class as ``_target_``, which is called with the option's
+settings and the model's ``latent_dim``; your own prior is a ``Prior`` subclass in your own
+package (README, "Add your own model, dataset or prior").
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import math
 import torch
 from torch import nn
 
+from vae_sweeps.errors import BadValue
+
 LOG_2PI = math.log(2 * math.pi)
-PRIORS = ("standard", "gmm", "none")
 KL_ESTIMATORS = ("bound", "tight", "mc")
 
 
@@ -38,12 +44,39 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, mu_p: torch.Tensor, logv
     return 0.5 * (logvar_p - logvar + (logvar.exp() + (mu - mu_p).square()) / logvar_p.exp() - 1.0).sum(-1)
 
 
-class StandardPrior(nn.Module):
+class Prior(nn.Module):
+    """p(z) over ``latent_dim`` dimensions, and the KL term it puts in the loss."""
+
+    # True: a deterministic encoder (z = mu) and no KL term, so no ELBO to evaluate.
     deterministic = False
 
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
+
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The training's KL(q(z|x) || p(z)) per image, for q = N(mu, e^logvar) and its draw z."""
+        raise NotImplementedError
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """ln p(z), summed over the last dimension."""
+        raise NotImplementedError
+
+    def sample(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """n draws z ~ p(z), (n, latent_dim)."""
+        raise NotImplementedError
+
+    def landmarks(self) -> torch.Tensor | None:
+        """Points of the latent space that the latent-space figure marks (None: none)."""
+        return None
+
+    def metrics(self, vae, images: torch.Tensor, batch: int) -> dict[str, float]:
+        """Test metrics of this prior's own, by name without the ``test/`` prefix."""
+        return {}
+
+
+class StandardPrior(Prior):
+    """N(0, I), with the closed-form KL."""
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
@@ -65,18 +98,18 @@ class NoPrior(StandardPrior):
         return torch.zeros(mu.shape[0], device=mu.device)
 
 
-class MixturePrior(nn.Module):
+class MixturePrior(Prior):
     """A mixture of ``components`` diagonal Gaussians with learnable means, log-variances and
     weights (softmax of ``logits``). The means start spread out as N(0, I) draws, the
     variances at 1 and the weights equal."""
 
-    deterministic = False
-
     def __init__(self, latent_dim: int, components: int = 10, kl: str = "tight"):
-        super().__init__()
+        super().__init__(latent_dim)
+        if not isinstance(components, int) or isinstance(components, bool) or components < 1:
+            raise BadValue("components", components, "it must be a positive integer, e.g. 10")
         if kl not in KL_ESTIMATORS:
-            raise ValueError(f"unknown KL estimator {kl!r}; allowed: {', '.join(KL_ESTIMATORS)}")
-        self.latent_dim, self.components, self.estimator = latent_dim, components, kl
+            raise BadValue("kl", kl, f"choose one of {', '.join(KL_ESTIMATORS)} (prior.kl=<estimator>)")
+        self.components, self.estimator = components, kl
         self.means = nn.Parameter(torch.randn(components, latent_dim))
         self.logvars = nn.Parameter(torch.zeros(components, latent_dim))
         self.logits = nn.Parameter(torch.zeros(components))
@@ -116,14 +149,22 @@ class MixturePrior(nn.Module):
         noise = torch.randn(n, self.latent_dim, device=self.means.device)
         return (self.means[which] + noise * (0.5 * self.logvars[which]).exp()).detach()
 
+    def landmarks(self) -> torch.Tensor:
+        """The components' means."""
+        return self.means.detach()
 
-def build(prior: dict, latent_dim: int) -> nn.Module:
-    """The prior named ``prior["name"]`` (its config group, ``conf/prior/``)."""
-    name = prior.get("name", "standard")
-    if name == "standard":
-        return StandardPrior(latent_dim)
-    if name == "none":
-        return NoPrior(latent_dim)
-    if name == "gmm":
-        return MixturePrior(latent_dim, prior.get("components", 10), prior.get("kl", "tight"))
-    raise ValueError(f"unknown prior {name!r}; allowed: {', '.join(PRIORS)}")
+    @torch.no_grad()
+    def metrics(self, vae, images: torch.Tensor, batch: int) -> dict[str, float]:
+        """Per-image means of the three KL estimates (``kl_mc``, ``kl_bound``, ``kl_tight``),
+        and the bounds' gaps to the MC one (``kl_bound_gap``, ``kl_tight_gap``)."""
+        per_image = {"mc": [], "bound": [], "tight": []}  # on the device until the read-back
+        for x in images.split(batch):
+            mu, logvar = vae.encode(x)
+            z = vae.reparameterize(mu, logvar)
+            per_image["mc"].append(self.kl_mc(mu, logvar, z))
+            per_image["bound"].append(self.kl_bound(mu, logvar))
+            per_image["tight"].append(self.kl_tight(mu, logvar))
+        kls = {f"kl_{name}": torch.cat(values).double().mean().item() for name, values in per_image.items()}
+        for name in ("bound", "tight"):
+            kls[f"kl_{name}_gap"] = kls[f"kl_{name}"] - kls["kl_mc"]
+        return kls

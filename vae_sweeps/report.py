@@ -1,13 +1,9 @@
-"""``make report``: the study's tables and figures, rebuilt from the tracked runs.
+"""``make report``: the study's tables, claims and figures, rebuilt from the tracked runs.
 
-Reads MLflow only; nothing is trained. Every run becomes one flat record of its params and
-last metrics. Only FINISHED runs count. Runs whose result settings differ only in seed form a
-group, and where a seed ran twice the latest run is kept. Each table cell is the group that
-matches the table's fixed settings and the row's value; when several match (a quick and a full
-budget, say) the one with the most epochs wins, then the most seeds, then the newest. A cell
-reports mean +- std over the group's seeds. A run logged before a setting existed counts as
-having that setting's current default. The tables and figures are defined in
-``experiments/tables.yaml``.
+Reads MLflow only; nothing is trained. The tables are queries over the runs' records
+(tables.py), the claims' verdicts come from their cells (claims.py), and the figures tile the
+cells' runs' figures or plot their loss curves; ``report.md`` puts them together with the
+runs' provenance. The tables and figures are defined in ``experiments/tables.yaml``.
 
     python -m vae_sweeps.report [--out reports] [--tracking-uri URI] [--experiment NAME]
 """
@@ -30,277 +26,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from vae_sweeps import claims, figures, identity, tracking
+from vae_sweeps import claims, figures, tracking
+from vae_sweeps.tables import (DASH, FLAG, PROJECT, RECORD, TABLES_FILE, build_table, cell_key, evaluation_markdown,
+                               finished_groups, load_runs, pick_group, row_label, row_settings, table_markdown, verdict)
 
-PROJECT = Path(__file__).resolve().parents[1]
-TABLES_FILE = PROJECT / "experiments" / "tables.yaml"
-TAGGED = ("sweep_id", "classes_drawn", "host", "torch_version", "cpu_count", "torch_threads")
-# per-run columns that are not params: the run, its group (identity.group_key) and provenance tags
-RECORD = ("run_id", "status", "start_time", "end_time", "sweep_id", "group", "classes_drawn", "commit", "host",
-          "torch_version", "cpu_count", "torch_threads")
-STATS = (("recon", "recon"), ("kl", "kl"), ("total", "loss"))  # (column name, metric name)
-# The end-of-run evaluation (evaluation.py): (metric test/<name>, column header)
-EVALUATION = (("elbo", "ELBO"), ("log_px", "log p(x), IW"), ("recon_bce", "BCE"), ("recon_l2", "L2"),
-              ("recon_l1", "L1"), ("sharpness", "sharpness"), ("active_units", "active units"),
-              ("knn_accuracy", "k-NN acc."), ("kl_mc", "KL (MC)"), ("kl_tight_gap", "tight - MC"),
-              ("kl_bound_gap", "bound - MC"), ("judged_accuracy", "judged acc."),
-              ("classes_drawn", "classes drawn"), ("sample_class_entropy", "sample class entropy"))
-COLUMNS = ["n", "epochs", "seeds",
-           *[f"test_{name}_{s}" for name, _ in STATS for s in ("mean", "std")],
-           *[f"train_{name}" for name, _ in STATS],
-           "study_recon", "study_kl", "study_total", "total_diff",
-           *[f"test_{name}_{s}" for name, _ in EVALUATION for s in ("mean", "std")],
-           "iw_samples", "knn_k", "run_ids", "non_default"]
-MIXTURE_KL = ("kl_mc", "kl_tight_gap", "kl_bound_gap")  # evaluated for a mixture prior only
-DASH = "—"
-FLAG = "†"  # after n: the cell's runs have settings other than the defaults, listed under the table
 TITLE_BAND = 64  # pixels above the panels of a composed figure: its title, then panel labels
 TITLE_LINE = 20  # pixels of each further line of a composed figure's title
-
-
-# ---------------------------------------------------------------------------- runs as records
-
-
-def _numbers(column: pd.Series) -> pd.Series:
-    try:
-        return pd.to_numeric(column)
-    except (ValueError, TypeError):
-        return column
-
-
-def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
-    """One row per run of ``experiment``: RECORD columns, params (numbers parsed), metrics.<key>."""
-    records = [{"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
-                "end_time": run.info.end_time, "group": identity.group_key(run.data.params),
-                "commit": run.data.tags.get("mlflow.source.git.commit"),
-                **{key: run.data.tags.get(key) for key in RECORD if key in TAGGED},
-                **identity.completed(run.data.params),  # a run made before a setting existed ran with its default
-                **{f"metrics.{k}": v for k, v in run.data.metrics.items()}}
-               for run in tracking.every_run(client, experiment)]
-    runs = pd.DataFrame.from_records(records, columns=list(RECORD) if not records else None)
-    for column in runs.columns:
-        if column not in RECORD and not column.startswith("metrics."):
-            runs[column] = _numbers(runs[column])
-    return runs
-
-
-def default_params() -> dict[str, str]:
-    """The result settings of a run of the default config, as strings (as MLflow returns them)."""
-    return identity.defaults()
-
-
-def finished_groups(runs: pd.DataFrame) -> pd.DataFrame:
-    """The FINISHED runs of each ``group`` (identity.group_key: one configuration over its
-    seeds), the latest run kept where a group's seed ran more than once."""
-    done = runs[runs["status"] == "FINISHED"].copy()
-    if "seed" not in done:
-        done["seed"] = 0
-    return done.sort_values("start_time").drop_duplicates(["group", "seed"], keep="last")
-
-
-def _matches(runs: pd.DataFrame, key: str, value) -> pd.Series:
-    """Runs whose param ``key`` is ``value`` (None: runs without that param)."""
-    if key not in runs:
-        return pd.Series(value is None, index=runs.index)
-    column = runs[key]
-    if value is None:
-        return column.isna()
-    if isinstance(value, (int, float)) and pd.api.types.is_numeric_dtype(column):
-        return pd.Series(np.isclose(column.astype(float), float(value)), index=runs.index)
-    return column.astype(str) == str(value)
-
-
-def pick_group(done: pd.DataFrame, settings: dict) -> pd.DataFrame:
-    """The runs of the best group matching ``settings`` (empty if none)."""
-    mask = pd.Series(True, index=done.index)
-    for key, value in settings.items():
-        mask &= _matches(done, key, value)
-    candidates = done[mask]
-    if candidates.empty:
-        return candidates
-    epochs = candidates.get("trainer.max_epochs", pd.Series(0, index=candidates.index))
-    ranking = (candidates.assign(_epochs=epochs).groupby("group")
-               .agg(epochs=("_epochs", "max"), n=("run_id", "size"), newest=("start_time", "max"))
-               .sort_values(["epochs", "n", "newest"]))
-    return candidates[candidates["group"] == ranking.index[-1]].sort_values("seed")
-
-
-def summarise(group: pd.DataFrame) -> dict:
-    """A table row's numbers: test mean and std over seeds, train at the last epoch, run ids."""
-    nothing = pd.Series([np.nan])
-    row = {"n": len(group), "epochs": group.get("trainer.max_epochs", nothing).max(),
-           "seeds": " ".join(str(int(s)) for s in group["seed"]),
-           "iw_samples": group.get("eval.iw_samples", nothing).max(), "knn_k": group.get("eval.knn_k", nothing).max(),
-           "run_ids": " ".join(group["run_id"])}
-    for name, metric in [*STATS, *[(name, name) for name, _ in EVALUATION]]:
-        test = group.get(f"metrics.test/{metric}", pd.Series(dtype=float))
-        row[f"test_{name}_mean"] = test.mean()
-        row[f"test_{name}_std"] = test.std(ddof=1)  # NaN for one seed
-    for name, metric in STATS:
-        row[f"train_{name}"] = group.get(f"metrics.train/{metric}", pd.Series(dtype=float)).mean()
-    return row
-
-
-def _same(value, default: str) -> bool:
-    try:
-        return math.isclose(float(value), float(default))
-    except (TypeError, ValueError):
-        return str(value) == default
-
-
-def _shown(value) -> str:
-    value = value.item() if isinstance(value, np.generic) else value
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def non_default(group: pd.DataFrame, own: dict) -> str:
-    """The result settings of a cell's runs that differ from the defaults (those of the runs'
-    model, loss, prior and data options), besides the cell's ``own`` settings and the seed,
-    e.g. "trainer.max_epochs = 4 (default 30)"; "" where the runs used the defaults."""
-    run = group.iloc[0].to_dict()  # a group's runs differ in their seed only
-    defaults = identity.defaults(identity.choices(run))
-    if not defaults:  # options that no longer exist: nothing to compare with
-        return ""
-    differ = []
-    for key, value in sorted(run.items()):
-        if (key in RECORD or key in own or key == "seed" or key.startswith("metrics.")
-                or not identity.is_result_setting(key) or pd.isna(value)):
-            continue
-        if key not in defaults:
-            differ.append(f"{key} = {_shown(value)} (not in the current config)")
-        elif not _same(value, defaults[key]):
-            differ.append(f"{key} = {_shown(value)} (default {defaults[key]})")
-    return ", ".join(differ)
-
-
-# ---------------------------------------------------------------------------- tables
-
-
-def fill_command(settings: dict) -> str:
-    """The sweep that would fill a cell: its settings as overrides, over three seeds."""
-    groups = {"model.name": "model", "loss.name": "loss", "data.name": "data", "prior.name": "prior"}
-    overrides = [f"{groups.get(k, k)}={v}" for k, v in settings.items() if v is not None]
-    return f"python -m vae_sweeps -m {' '.join(overrides)} seed=0,1,2"
-
-
-def row_keys(spec: dict) -> list[str]:
-    """The params that form a table's rows: one key, or several (``rows: [a, b]``)."""
-    return spec["rows"] if isinstance(spec["rows"], list) else [spec["rows"]]
-
-
-def row_label(spec: dict) -> str:
-    return "/".join(row_keys(spec))
-
-
-def row_settings(spec: dict, value) -> dict:
-    values = value if isinstance(spec["rows"], list) else [value]
-    return dict(zip(row_keys(spec), values))
-
-
-def cell_key(value):
-    """A row value as a dict key (several-key rows are lists in the YAML)."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-def build_table(done: pd.DataFrame, spec: dict) -> tuple[pd.DataFrame, list[str]]:
-    """(one row per value of the table's row axis, the commands that would fill its gaps)."""
-    rows, missing = [], []
-    published = spec.get("published") or {}
-    label = row_label(spec)
-    for value in spec["values"]:
-        settings = {**row_settings(spec, value), **spec["fixed"]}
-        group = pick_group(done, settings)
-        row = {label: "/".join(str(v) for v in row_settings(spec, value).values() if v is not None)}
-        if group.empty:
-            missing.append(fill_command(settings))
-        else:
-            row.update(summarise(group), non_default=non_default(group, settings))
-        if cell_key(value) in published:
-            row["study_recon"], row["study_kl"], row["study_total"] = published[cell_key(value)]
-        rows.append(row)
-    table = pd.DataFrame(rows).reindex(columns=[label, *COLUMNS])
-    for column in ("n", "epochs", "iw_samples", "knn_k"):
-        table[column] = table[column].astype("Int64")
-    table["total_diff"] = table["test_total_mean"] - table["study_total"]
-    return table, missing
-
-
-def _cell(value, digits: int = 2) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return DASH
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _mean_std(row: pd.Series, name: str, digits: int = 2) -> str:
-    mean, std = row[f"test_{name}_mean"], row[f"test_{name}_std"]
-    if pd.isna(mean):
-        return DASH
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if not pd.isna(std) else f"{mean:.{digits}f}"
-
-
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
-
-
-def _flagged(row: pd.Series) -> bool:
-    return isinstance(row.get("non_default"), str) and row["non_default"] != ""
-
-
-def _n(row: pd.Series) -> str:
-    """The n cell, flagged where the runs have settings other than the defaults."""
-    return _cell(row["n"]) + (f" {FLAG}" if _flagged(row) else "")
-
-
-def table_markdown(table: pd.DataFrame, axis: str) -> str:
-    """Our test Recon, KL and Total, and the study's numbers where it published some; under
-    it, the settings other than the defaults of each flagged row."""
-    study = ["study_recon", "study_kl", "study_total", "total_diff"] if table["study_total"].notna().any() else []
-    header = [axis, "Recon", "KL", "Total", "n", "epochs", "train Recon", "train KL", "train Total",
-              *(["study Recon", "study KL", "study Total", "Δ Total"] if study else [])]
-    rows = [[_cell(row[axis]), *(_mean_std(row, name) for name, _ in STATS), _n(row), _cell(row["epochs"]),
-             *(_cell(row[f"train_{name}"]) for name, _ in STATS), *(_cell(row[c]) for c in study)]
-            for _, row in table.iterrows()]
-    notes = [f"- {row[axis]}: {row['non_default']}" for _, row in table.iterrows() if _flagged(row)]
-    if not notes:
-        return _markdown(header, rows)
-    return (_markdown(header, rows) + f"\n\n{FLAG} These cells' runs used settings other than the defaults "
-            "(besides the table's own), so they are not directly comparable:\n\n" + "\n".join(notes))
-
-
-def evaluation_markdown(table: pd.DataFrame, axis: str) -> str:
-    """The end-of-run evaluation: the columns that have a value in some row; in a table with
-    no evaluated run yet, the columns its runs would fill (a mixture prior's on a priors axis)."""
-    shown = [(name, header) for name, header in EVALUATION if table[f"test_{name}_mean"].notna().any()]
-    if not shown:
-        shown = [(name, header) for name, header in EVALUATION if name not in MIXTURE_KL or "prior" in axis]
-    digits = {"knn_accuracy": 3, "sharpness": 3, "active_units": 1, "judged_accuracy": 3, "classes_drawn": 1}
-    rows = [[_cell(row[axis]), *(_mean_std(row, name, digits.get(name, 2)) for name, _ in shown), _n(row)]
-            for _, row in table.iterrows()]
-    return _markdown([axis, *(header for _, header in shown), "n"], rows)
-
-
-def prior_verdict(table: pd.DataFrame, axis: str, setting: str) -> str:
-    """Whether the best mixture prior beats the standard one on the IW log p(x), in words."""
-    by_label = table.set_index(axis)
-    mixtures = by_label[by_label.index.str.startswith("gmm") & by_label["test_log_px_mean"].notna()]
-    if "standard" not in by_label.index or pd.isna(by_label.loc["standard", "test_log_px_mean"]) or mixtures.empty:
-        return f"{setting}: not enough finished runs to compare the priors yet."
-    standard = by_label.loc["standard"]
-    best_label = mixtures["test_log_px_mean"].idxmax()
-    best = mixtures.loc[best_label]
-    gain = best["test_log_px_mean"] - standard["test_log_px_mean"]
-    spread = np.nansum([standard["test_log_px_std"], best["test_log_px_std"]])
-    if min(standard["n"], best["n"]) < 2:
-        judged = "with one seed each, too few to tell the difference from noise"
-    elif abs(gain) <= spread:
-        judged = "within the spread over seeds: no clear difference"
-    else:
-        judged = "beyond the spread over seeds"
-    held = "held" if gain > 0 and "beyond" in judged else "did not clearly hold"
-    return (f"{setting}: the best mixture prior ({best_label}) reaches log p(x) = {best['test_log_px_mean']:.2f} "
-            f"against {standard['test_log_px_mean']:.2f} for the standard prior, a difference of {gain:+.2f} nats, "
-            f"{judged}. The study's hypothesis that a mixture prior helps {held} here.")
 
 
 # ---------------------------------------------------------------------------- figures
@@ -470,7 +201,7 @@ def report_markdown(spec, tables, missing, made, absent, done, n_other, experime
                   f"K = {', '.join(map(str, samples)) or DASH} importance samples per image):", "",
                   evaluation_markdown(table, label), ""]
         if table_spec.get("verdict"):
-            lines += [prior_verdict(table, label, table_spec["setting"]), ""]
+            lines += [verdict(table, label, table_spec["setting"], table_spec["verdict"]), ""]
         if missing[name]:
             lines += ["Missing cells; to fill them:", "", *[f"    {command}" for command in missing[name]], ""]
     lines += ["## Figures", ""]

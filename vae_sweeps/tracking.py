@@ -19,7 +19,6 @@ import socket
 import sqlite3
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -36,7 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
 from vae_sweeps import identity
-from vae_sweeps.errors import UserError
+from vae_sweeps.errors import SweepFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,6 @@ SWEEP_ID_ENV = "VAE_SWEEPS_SWEEP_ID"
 # experiment on its runs; in MLflow 3.17 the switch decides (README, "Tracking and the MLflow UI").
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
-DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}  # as the runs table shows them
 # (table, key column, artifact location column) of a SQLite store's absolute artifact locations
 ARTIFACT_COLUMNS = (("experiments", "experiment_id", "artifact_location"), ("runs", "run_uuid", "artifact_uri"),
                     ("logged_models", "model_id", "artifact_location"))
@@ -476,17 +474,15 @@ def start_run(client: MlflowClient, experiment_id: str, cfg: DictConfig, output_
 
 def describe_run(client: MlflowClient, run_id: str, datamodule, caption: str) -> None:
     """What the MLflow UI shows of a run besides its params: its dataset as a dataset input
-    (the runs table's Dataset column: name, split sizes, digest) and ``caption`` as its
-    description. The digest hashes the dataset's name, split sizes and published file
+    (the runs table's Dataset column: name, split sizes, digest; ImageData.describe) and
+    ``caption`` as its description. The digest hashes the dataset's name, split sizes and file
     checksums: cheap, and it changes with the validation split."""
-    from vae_sweeps.data import DATASETS  # torchvision: a job has loaded it already
-
-    source = DATASETS[datamodule.name]
+    described = datamodule.describe()
     sizes = {split: len(labels) for split, (_, labels) in datamodule.splits.items()}
-    checksums = [md5 for _, md5 in source.resources]
-    digest = hashlib.sha256(json.dumps([datamodule.name, sizes, checksums]).encode()).hexdigest()[:8]
-    dataset = Dataset(name=DATASET_NAMES.get(datamodule.name, datamodule.name), digest=digest, source_type="http",
-                      source=json.dumps({"url": source.mirrors[0]}), profile=json.dumps(sizes))
+    digest = hashlib.sha256(json.dumps([described["name"], sizes, described["checksums"]]).encode()).hexdigest()[:8]
+    source = {"url": described["url"]} if described.get("url") else {}
+    dataset = Dataset(name=described["name"], digest=digest, source_type="http" if source else "local",
+                      source=json.dumps(source), profile=json.dumps(sizes))
     client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
     client.set_tag(run_id, MLFLOW_RUN_NOTE, caption)
 
@@ -515,9 +511,8 @@ class PrepareTracking(Callback):
             if config.hydra.sweeper.get("dry_run"):
                 return
             open_store(uri, config.tracking.experiment)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+        except UserError as err:  # the CLI prints it and exits 2
+            raise SweepFailed(str(err), status=2) from err
         os.environ[SWEEP_ID_ENV] = new_sweep_id()
         log.info("Sweep id %s", os.environ[SWEEP_ID_ENV])
 

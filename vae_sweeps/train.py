@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,15 +15,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
-from vae_sweeps import devices, evaluate, figures, identity, tracking
+from vae_sweeps import devices, evaluate, figures, identity, options, tracking
 from vae_sweeps.config import validate
-from vae_sweeps.data import ImageDataModule
+from vae_sweeps.data import ImageData
+from vae_sweeps.faults import INTERRUPTS, Interrupted, attempt, signals_as_interrupt
 from vae_sweeps.module import VAEModule
 
 log = logging.getLogger(__name__)
 
 RECORD = "vae_sweeps"  # the key of EpochEnd's record in a checkpoint
-CLEANUP_WAIT_S = 2.0  # between tries of closing a failed run in the store (``attempt``)
 
 
 class _NoAdverts(logging.Filter):
@@ -43,10 +40,9 @@ def plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def make_datamodule(cfg: DictConfig) -> ImageDataModule:
-    data = cfg.data
-    return ImageDataModule(name=data.name, root=str(data.root), download=data.download,
-                           batch_size=data.batch_size, val_size=data.val_size, seed=cfg.seed, verify=data.verify)
+def make_datamodule(cfg: DictConfig) -> ImageData:
+    """The data option's DataModule (conf/data/), its batches drawn in an order set by the seed."""
+    return options.build("data", cfg.data, seed=cfg.seed)
 
 
 def torch_threads(cfg: DictConfig) -> int:
@@ -130,82 +126,7 @@ class EpochEnd(Checkpoint):
             self.logged = self.saved
 
 
-# What ends a run KILLED and resumable rather than FAILED: Ctrl-C, SIGTERM (made a
-# KeyboardInterrupt below), sys.exit, and submitit's UncompletedJobError, which its signal
-# handler raises in a SLURM job signalled before its time limit once its requeues are used up.
-try:
-    from submitit.core.utils import UncompletedJobError
-    INTERRUPTS = (KeyboardInterrupt, SystemExit, UncompletedJobError)
-except ImportError:  # submitit is optional for a single run
-    INTERRUPTS = (KeyboardInterrupt, SystemExit)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A job stopped by a signal: SIGINT (Ctrl-C) or SIGTERM (``kill``, a scheduler). The CLI
-    exits with 128 + its number (130, 143), as a shell expects."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)  # its args, so that it pickles (a joblib worker's error)
-        self.signum = signum
-
-    def __str__(self) -> str:
-        return f"interrupted ({signal.Signals(self.signum).name})"
-
-
-class Signals:
-    """What ``signals_as_interrupt`` caught: ``received``, the number of the signal, or None."""
-
-    received: int | None = None
-
-    def shield(self) -> None:
-        """Ignore SIGTERM from now on, for a clean-up that must finish."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-@contextmanager
-def signals_as_interrupt():
-    """Raise Interrupted on SIGINT and SIGTERM, so that the run ends KILLED with its checkpoint
-    saved instead of dying mid-write. Yields the Signals that remember which signal came:
-    Lightning turns a KeyboardInterrupt during training into SystemExit(1). SIGINT stays
-    ignored where it was (a background job), and the handlers are restored at the end (Lightning
-    leaves SIGINT ignored). Signals belong to the main thread: elsewhere this does nothing."""
-    signals = Signals()
-    if threading.current_thread() is not threading.main_thread():
-        yield signals
-        return
-
-    def interrupt(signum, frame):
-        signals.received = signum
-        raise Interrupted(signum)
-
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum, handler in previous.items():
-        if handler != signal.SIG_IGN:
-            signal.signal(signum, interrupt)
-    try:
-        yield signals
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def attempt(call, *args, tries: int = 1) -> bool:
-    """Make one clean-up call to the store after a run stopped, up to ``tries`` times: whether
-    it succeeded. A failure is logged, not raised, so that it does not hide why the run stopped."""
-    for left in reversed(range(tries)):
-        try:
-            call(*args)
-            return True
-        except Exception as err:
-            log.error("Closing the run: %s failed (%s: %s)%s", getattr(call, "__name__", call), type(err).__name__,
-                      err, f"; trying again in {CLEANUP_WAIT_S:g} s" if left else "")
-            if left:
-                time.sleep(CLEANUP_WAIT_S)
-    return False
-
-
-def log_figures(client, run_id: str, module: VAEModule, datamodule: ImageDataModule, text: str) -> None:
+def log_figures(client, run_id: str, module: VAEModule, datamodule: ImageData, text: str) -> None:
     curves = {stage: [(m.step, m.value) for m in client.get_metric_history(run_id, f"{stage}/loss")]
               for stage in ("train", "val")}
     images, labels = datamodule.splits["test"]
@@ -334,7 +255,7 @@ def train(cfg: DictConfig) -> dict:
         try:
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim),
-                               prior=plain(cfg.prior))
+                               prior=plain(cfg.prior), image_shape=tuple(datamodule.image_shape))
             trainer = make_trainer(cfg, [epoch_end], output_dir)
             trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint if done else None, weights_only=True)
             test = trainer.test(module, datamodule=datamodule, verbose=False)[0]

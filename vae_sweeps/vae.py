@@ -6,25 +6,22 @@ import torch
 from torch import nn
 
 from vae_sweeps.losses import RECON_LOSSES
-from vae_sweeps.priors import StandardPrior
+from vae_sweeps.priors import Prior
 
 
 class VAE(nn.Module):
-    """q(z|x) = N(mu(x), diag(exp(logvar(x)))), a prior p(z) (N(0, I) by default; see
-    priors.py), decoder logits f(z).
+    """q(z|x) = N(mu(x), diag(exp(logvar(x)))), a prior p(z) (priors.py), decoder logits f(z).
 
     Per image: loss = c * Recon(x, f(z)) + KL, with one z drawn per image (z = mu for the
     deterministic encoder of prior ``none``); ``loss`` returns the batch means of ``loss``,
     ``recon`` and ``kl`` (with c = 1, BCE and the standard prior, loss is -ELBO).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int,
-                 recon: str = "bce", c: float = 1.0, prior: nn.Module | None = None):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: Prior, recon: str = "bce", c: float = 1.0):
         super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-        self.latent_dim, self.recon, self.c = latent_dim, recon, c
+        self.encoder, self.decoder, self.prior = encoder, decoder, prior
+        self.latent_dim, self.recon, self.c = prior.latent_dim, recon, c
         self.recon_loss = RECON_LOSSES[recon]
-        self.prior = prior if prior is not None else StandardPrior(latent_dim)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=1)

@@ -1,0 +1,54 @@
+"""The package's layout keeps its promises: imports stack at most 5 layers, nothing outside
+priors.py names a particular prior, and checking a config loads no Lightning."""
+
+import ast
+import functools
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "vae_sweeps"
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports at module level."""
+    modules = {path.stem: path for path in PACKAGE.glob("*.py")}
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vae_sweeps":
+                parts = node.module.split(".")
+                found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("vae_sweeps.")}
+        imports[name] = found - {name}
+    return imports
+
+
+def test_imports_stack_at_most_five_layers():
+    imports = package_imports()
+
+    @functools.lru_cache(maxsize=None)
+    def layer(name: str) -> int:  # a module sits one layer above the highest module it imports
+        return 1 + max((layer(other) for other in imports[name]), default=0)
+
+    layers = {name: layer(name) for name in imports}
+    assert max(layers.values()) <= 5, sorted(layers.items(), key=lambda item: item[1])
+    # the job sits above the store, the store above the run's identity
+    assert layers["train"] > layers["tracking"] > layers["identity"]
+
+
+def test_nothing_outside_priors_names_a_particular_prior():
+    named = re.compile(r"\bgmm\b|mixture|StandardPrior|NoPrior|[\"']standard[\"']", re.IGNORECASE)
+    hits = [f"{path.name}:{number}: {line.strip()}" for path in sorted(PACKAGE.glob("*.py")) if path.name != "priors.py"
+            for number, line in enumerate(path.read_text().splitlines(), 1) if named.search(line)]
+    assert hits == []
+
+
+def test_checking_a_config_loads_no_lightning():
+    code = ("import sys; import vae_sweeps.config, vae_sweeps.identity, vae_sweeps.options; "
+            "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'torchvision', 'mlflow') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
