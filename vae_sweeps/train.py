@@ -119,8 +119,13 @@ class EpochEnd(Checkpoint):
         now = time.monotonic()
         self.longest, self.epoch_began = max(self.longest, now - self.epoch_began), now
 
-    def log_epoch(self) -> None:
-        """Log the saved epoch's means, unless they already are."""
+    def log_epoch(self, recheck: bool = False) -> None:
+        """Log the saved epoch's means, unless they already are. ``recheck``, after an interrupt:
+        ask the store first, for the signal may have come after the store took the epoch's
+        metrics and before this object noted it (logging them again would log the epoch twice)."""
+        if recheck and self.saved > self.logged:
+            logged = [m.step for m in self.client.get_metric_history(self.run_id, "train/loss")]
+            self.logged = max([self.logged, *logged])
         if self.saved > self.logged:
             tracking.log_metrics(self.client, self.run_id, self.means, self.saved, tracking.process_tags(self.longest))
             self.logged = self.saved
@@ -272,7 +277,7 @@ def train(cfg: DictConfig) -> dict:
             reason = str(stop or f"{type(err).__name__}: {err}")
             tracking.record_reason(output_dir, reason)  # for the next launch, should the store fail below
             if interrupted and epoch_end.saved:
-                attempt(epoch_end.log_epoch)  # if stopped between the checkpoint and its metrics
+                attempt(epoch_end.log_epoch, True)  # if stopped between the checkpoint and its metrics
                 if attempt(client.log_artifact, run_id, str(checkpoint), "checkpoints"):
                     attempt(client.set_tag, run_id, "resume_from_epoch", str(epoch_end.saved))
             attempt(client.set_tag, run_id, "error", reason[:5000])
