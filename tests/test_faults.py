@@ -21,8 +21,7 @@ from mlflow.exceptions import MlflowException
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from test_resilience import SMALL, history, wait_for
 
-from vae_sweeps import identity, tracking
-from vae_sweeps import faults
+from vae_sweeps import faults, identity, tracking
 from vae_sweeps.module import NonFiniteLoss
 from vae_sweeps.train import EpochEnd, train
 
@@ -227,3 +226,18 @@ def test_ctrl_c_stops_a_sweep_with_status_130_and_starts_no_other_job(tmp_path, 
     (run,) = all_runs(tmp_path)  # the second job never started
     assert (run.data.params["seed"], run.info.status) == ("0", "KILLED")
     assert run.data.tags["error"] == "interrupted (SIGINT)"
+
+
+def test_the_clean_up_after_an_interrupt_does_not_log_an_epoch_the_store_already_took(tmp_path):
+    # the signal came after the store took epoch 3's metrics, before EpochEnd noted it
+    client = prepared_store(tmp_path)
+    run_id = client.create_run(client.get_experiment_by_name("vae_sweeps").experiment_id).info.run_id
+    for epoch in (1, 2, 3):
+        tracking.log_metrics(client, run_id, {"train/loss": 100.0 - epoch}, epoch)
+    epoch_end = EpochEnd(tmp_path / "last.ckpt", client, run_id, epochs=2)
+    epoch_end.saved, epoch_end.means = 3, {"train/loss": 97.0}
+    epoch_end.log_epoch(recheck=True)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
+    epoch_end.saved, epoch_end.means = 4, {"train/loss": 96.0}  # a later epoch is logged as usual
+    epoch_end.log_epoch(recheck=True)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
