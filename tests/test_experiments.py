@@ -47,7 +47,7 @@ def planned_experiment(experiment: str):
 
 def cell(spec: dict, value) -> dict:
     """The settings of one table cell: the table's fixed settings and the row's value (a list
-    of values where ``rows`` is a list of keys), as vae_sweeps/report.py selects its runs."""
+    of values where ``rows`` is a list of keys), as vae_sweeps/tables.py selects its runs."""
     keys, values = (spec["rows"], value) if isinstance(spec["rows"], list) else ([spec["rows"]], [value])
     return {**dict(zip(keys, values, strict=True)), **spec["fixed"]}
 
