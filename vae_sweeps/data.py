@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 from torchvision import datasets
 
-from vae_sweeps.errors import BadValue, DataError
+from vae_sweeps.errors import BadValue, DataError, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -272,12 +272,6 @@ def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, to
     return (x.unsqueeze(1) if x.ndim == 3 else x), torch.from_numpy(labels.astype(np.int64))
 
 
-def _count(key: str, value, example: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise BadValue(key, value, f"it must be a positive integer, e.g. {example}")
-    return value
-
-
 class ImageData(pl.LightningDataModule):
     """The data axis's interface: labelled images held in memory, train = the first N - val_size
     training images, val = the last val_size, test = the test split.
@@ -292,8 +286,8 @@ class ImageData(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 128, val_size: int = 5000, seed: int = 0):
         super().__init__()
-        self.batch_size = _count("batch_size", batch_size, "128")
-        self.val_size = _count("val_size", val_size, "5000")
+        self.batch_size = positive_int("batch_size", batch_size, "128")
+        self.val_size = positive_int("val_size", val_size, "5000")
         self.seed = seed
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -26,6 +26,13 @@ class BadValue(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
 
 
+def positive_int(key: str, value, example: str) -> int:
+    """``value``, if it is an integer >= 1 (not a bool); else BadValue for ``key``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadValue(key, value, f"it must be a positive integer, e.g. {example}")
+    return value
+
+
 def refuse_password(source: str, uri: str) -> None:
     """Raise ConfigError if the URI ``uri``, given as ``source``, holds a password. Credentials stay
     out of the command line and the config: Hydra saves both under outputs/, and MLflow prints

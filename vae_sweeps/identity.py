@@ -20,6 +20,7 @@ the report (group the seeds of one configuration).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -44,15 +45,25 @@ NOT_RESULTS = (*NOT_PARAMS, "threads", "jobs_per_gpu", "data.download", "data.ve
 AXES = ("data", "model", "loss", "prior")
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The project's config composed with ``overrides``: inside a Hydra app with the app's own
-    search path (``--config-dir`` included), elsewhere (the report, tests) from ``conf/``."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+@contextlib.contextmanager
+def project_config():
+    """Hydra, ready to compose the project's config: inside a Hydra app the app's own (its
+    search path, ``--config-dir`` included), elsewhere (the report, tests) from ``conf/``."""
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name="config", overrides=overrides)
+        yield
+        return
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        yield
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The project's config composed with ``overrides`` (project_config)."""
+    from hydra import compose as hydra_compose
+
+    with project_config():
         return hydra_compose(config_name="config", overrides=overrides)
 
 

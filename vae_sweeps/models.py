@@ -21,7 +21,7 @@ import math
 
 from torch import nn
 
-from vae_sweeps.errors import BadValue
+from vae_sweeps.errors import BadValue, positive_int
 
 def widths(key: str, value, example: str, count: int | None = None, least: int = 0) -> list[int]:
     """``value`` as a list of positive integers: exactly ``count`` of them, or (count None) at
@@ -46,8 +46,7 @@ def dense(sizes: list[int]) -> list[nn.Module]:
 
 def mlp(latent_dim: int, hidden: list[int], layers: int, image_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
     """An MLP of ``layers`` linear layers each way, through the widths ``hidden``."""
-    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-        raise BadValue("layers", layers, "it must be a positive integer, e.g. 3")
+    positive_int("layers", layers, "3")
     example = f"[{', '.join(['256'] * (layers - 1))}] (an MLP of {layers} layers has {layers - 1} hidden layer(s))"
     hidden = widths("hidden", hidden, example, count=layers - 1)
     pixels = math.prod(image_shape)

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vae_sweeps.errors import BadValue, ConfigError, UserError
-from vae_sweeps.identity import CONF_DIR, compose
+from vae_sweeps.identity import compose, project_config
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,9 @@ def plain(value):
 def names(axis: str) -> tuple[str, ...]:
     """The options of ``axis`` that the config search path holds (``conf/<axis>/*.yaml``, and
     those of a ``--config-dir``)."""
-    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    if GlobalHydra.instance().is_initialized():
-        return tuple(GlobalHydra.instance().config_loader().get_group_options(axis))
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with project_config():
         return tuple(GlobalHydra.instance().config_loader().get_group_options(axis))
 
 

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from vae_sweeps.errors import BadValue
+from vae_sweeps.errors import BadValue, positive_int
 
 LOG_2PI = math.log(2 * math.pi)
 KL_ESTIMATORS = ("bound", "tight", "mc")
@@ -105,8 +105,7 @@ class MixturePrior(Prior):
 
     def __init__(self, latent_dim: int, components: int = 10, kl: str = "tight"):
         super().__init__(latent_dim)
-        if not isinstance(components, int) or isinstance(components, bool) or components < 1:
-            raise BadValue("components", components, "it must be a positive integer, e.g. 10")
+        positive_int("components", components, "10")
         if kl not in KL_ESTIMATORS:
             raise BadValue("kl", kl, f"choose one of {', '.join(KL_ESTIMATORS)} (prior.kl=<estimator>)")
         self.components, self.estimator = components, kl
