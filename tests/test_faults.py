@@ -23,7 +23,7 @@ from test_resilience import SMALL, history, wait_for
 
 from vae_sweeps import faults, identity, tracking
 from vae_sweeps.module import NonFiniteLoss
-from vae_sweeps.train import EpochEnd, train
+from vae_sweeps.train import EpochEnd, keep_checkpoint, train
 
 QUICK = (*SMALL, "eval.iw_samples=1", "eval.judge_epochs=1")  # a small model, a short evaluation
 # python -m vae_sweeps with Hydra's ${now:...} frozen: every job it starts, starts in the same second
@@ -228,16 +228,58 @@ def test_ctrl_c_stops_a_sweep_with_status_130_and_starts_no_other_job(tmp_path, 
     assert run.data.tags["error"] == "interrupted (SIGINT)"
 
 
-def test_the_clean_up_after_an_interrupt_does_not_log_an_epoch_the_store_already_took(tmp_path):
-    # the signal came after the store took epoch 3's metrics, before EpochEnd noted it
-    client = prepared_store(tmp_path)
+def test_an_interrupt_just_after_a_checkpoint_was_replaced_loses_no_epoch(make_cfg, tmp_path, monkeypatch):
+    # the signal came after the file took epoch 2 and before EpochEnd noted it (as under SLURM)
+    original = EpochEnd.save
+
+    def stop_after_replacing_epoch_2(self, trainer):
+        noted = self.saved
+        original(self, trainer)
+        if self.saved == 2:
+            self.saved = noted
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(EpochEnd, "save", stop_after_replacing_epoch_2)
+    cfg = make_cfg("trainer.max_epochs=3", *QUICK)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train(cfg)
+    monkeypatch.undo()
+    client = store(tmp_path)
+    (killed,) = all_runs(tmp_path)
+    assert killed.info.status == "KILLED" and killed.data.tags["resume_from_epoch"] == "2"
+    assert history(client, killed) == [1, 2]  # epoch 2's means, from the checkpoint's record
+
+    result = train(cfg)
+    (run,) = all_runs(tmp_path)
+    assert run.info.run_id == result["run_id"] == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_epoch"] == "2"
+    assert history(client, run) == [1, 2, 3]
+
+
+def test_keeping_a_checkpoint_logs_its_epoch_once_and_only_its_own_configuration(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.max_epochs=2", *QUICK)
+    train(cfg)
+    client = store(tmp_path)
+    saved = tmp_path / "out" / "checkpoints" / "last.ckpt"  # epoch 2, means {train/loss: ..., val/...}
+    record = torch.load(saved, weights_only=True)["vae_sweeps"]
+    assert record["epochs"] == 2 and record["means"]["train/loss"] > 0
     run_id = client.create_run(client.get_experiment_by_name("vae_sweeps").experiment_id).info.run_id
-    for epoch in (1, 2, 3):
-        tracking.log_metrics(client, run_id, {"train/loss": 100.0 - epoch}, epoch)
-    epoch_end = EpochEnd(tmp_path / "last.ckpt", client, run_id, epochs=2)
-    epoch_end.saved, epoch_end.means = 3, {"train/loss": 97.0}
-    epoch_end.log_epoch(recheck=True)
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
-    epoch_end.saved, epoch_end.means = 4, {"train/loss": 96.0}  # a later epoch is logged as usual
-    epoch_end.log_epoch(recheck=True)
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
+    for epoch, loss in ((1, 200.0), (2, 150.0)):  # the store took epoch 2 before the process stopped
+        tracking.log_metrics(client, run_id, {"train/loss": loss}, epoch)
+    key = identity.run_key(cfg)
+    assert keep_checkpoint(client, run_id, saved, key) == 2
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(1, 200.0), (2, 150.0)]
+    assert client.get_run(run_id).data.tags["resume_from_epoch"] == "2"
+
+    behind = client.create_run(client.get_experiment_by_name("vae_sweeps").experiment_id).info.run_id
+    tracking.log_metrics(client, behind, {"train/loss": 200.0}, 1)  # the file is an epoch ahead of the store
+    assert keep_checkpoint(client, behind, saved, key) == 2
+    logged = client.get_metric_history(behind, "train/loss")
+    assert [(m.step, m.value) for m in logged] == [(1, 200.0), (2, pytest.approx(record["means"]["train/loss"]))]
+    assert [a.path for a in client.list_artifacts(behind, "checkpoints")] == ["checkpoints/last.ckpt"]
+
+    other = client.create_run(client.get_experiment_by_name("vae_sweeps").experiment_id).info.run_id
+    assert keep_checkpoint(client, other, saved, "another-key") == 0  # a foreign file: nothing done
+    assert keep_checkpoint(client, other, tmp_path / "missing.ckpt", key) == 0
+    assert client.get_metric_history(other, "train/loss") == [] and not client.list_artifacts(other)
+    assert "resume_from_epoch" not in client.get_run(other).data.tags

@@ -365,9 +365,9 @@ def close_dead_runs(client: MlflowClient, experiment_id: str, key: str, salvage=
     """Close the RUNNING runs of this configuration whose process, on this host, is gone: killed
     with SIGKILL, on a machine that crashed, or unable to write to the store when it ended. The
     reason is the one the process recorded in its output folder (``record_reason``), if it got
-    that far. ``salvage(run)`` recovers the checkpoint of the run's last completed epoch from
-    that folder and returns its epochs (0: none): the run then ends KILLED and resumable from
-    there, as after Ctrl-C; otherwise FAILED. Other hosts' runs are left alone: their processes
+    that far. ``salvage(run)`` makes the run resumable from the checkpoint of its last completed
+    epoch in that folder and returns its epochs (0: none): the run then ends KILLED, as after
+    Ctrl-C; otherwise FAILED. Other hosts' runs are left alone: their processes
     and folders are not here."""
     for run in runs_of(client, experiment_id, key, "RUNNING"):
         tags, run_id = run.data.tags, run.info.run_id
@@ -376,8 +376,6 @@ def close_dead_runs(client: MlflowClient, experiment_id: str, key: str, salvage=
         reason = (recorded_reason(tags.get("output_dir"))
                   or f"its process {tags.get('pid')} ended without closing the run")
         epochs = salvage(run)
-        if epochs:
-            client.set_tag(run_id, "resume_from_epoch", str(epochs))
         client.set_tag(run_id, "error", reason[:5000])
         client.set_terminated(run_id, "KILLED" if epochs else "FAILED")
         log.warning("Run %s was left RUNNING by a process that is gone (%s); %s", run_id, reason,

@@ -81,9 +81,11 @@ class EpochEnd(Checkpoint):
     ``on_train_epoch_end``, where the epoch means are logged.
 
     The checkpoint also holds its RECORD: the run's identity ``key`` (a resumed run refuses a
-    checkpoint of another configuration), its completed epochs and their means (the next launch
-    logs them if the process died before it could: ``salvage``). Each epoch's metrics come with
-    the run's heartbeat (tracking.alive).
+    checkpoint of another configuration), its completed epochs and the last one's means. That
+    file is the truth of what a stopped run completed: the clean-up after an interrupt, the next
+    launch after a kill, and a resume log the means if the store lacks them (``keep_checkpoint``,
+    ``log_saved_epoch``), for a signal may come between any two of these steps. Each epoch's
+    metrics come with the run's heartbeat (tracking.alive).
     """
 
     def __init__(self, path: Path, client, run_id: str, epochs: int = 0, key: str | None = None):
@@ -119,13 +121,8 @@ class EpochEnd(Checkpoint):
         now = time.monotonic()
         self.longest, self.epoch_began = max(self.longest, now - self.epoch_began), now
 
-    def log_epoch(self, recheck: bool = False) -> None:
-        """Log the saved epoch's means, unless they already are. ``recheck``, after an interrupt:
-        ask the store first, for the signal may have come after the store took the epoch's
-        metrics and before this object noted it (logging them again would log the epoch twice)."""
-        if recheck and self.saved > self.logged:
-            logged = [m.step for m in self.client.get_metric_history(self.run_id, "train/loss")]
-            self.logged = max([self.logged, *logged])
+    def log_epoch(self) -> None:
+        """Log the saved epoch's means, unless they already are."""
         if self.saved > self.logged:
             tracking.log_metrics(self.client, self.run_id, self.means, self.saved, tracking.process_tags(self.longest))
             self.logged = self.saved
@@ -144,27 +141,42 @@ def saved_record(checkpoint: Path) -> dict:
     return torch.load(checkpoint, map_location="cpu", weights_only=True).get(RECORD) or {}
 
 
-def salvage(client, key: str, run) -> int:
-    """For tracking.close_dead_runs: the completed epochs of the checkpoint that the dead ``run``
-    left in its output folder, uploaded to the run, with the means of its last epoch logged if
-    the process died before logging them; 0 if there is no readable checkpoint of identity ``key``."""
-    output_dir = run.data.tags.get("output_dir")
-    checkpoint = Path(output_dir) / "checkpoints" / "last.ckpt" if output_dir else None
-    if checkpoint is None or not checkpoint.is_file():
+def log_saved_epoch(client, run_id: str, record: dict) -> None:
+    """Log the means of the last epoch in a checkpoint's ``record`` unless the store has that
+    epoch: a process stopped between saving an epoch and logging it, or between saving it and
+    noting that it had (EpochEnd.saved), left the file one epoch ahead of the store."""
+    epochs = record["epochs"]
+    if epochs not in [m.step for m in client.get_metric_history(run_id, "train/loss")]:
+        tracking.log_metrics(client, run_id, record["means"], epochs)
+
+
+def keep_checkpoint(client, run_id: str, checkpoint: Path, key: str) -> int:
+    """Make a stopped run resumable from ``checkpoint``, the one truth of the epochs it completed:
+    its last epoch logged (``log_saved_epoch``), the file uploaded and ``resume_from_epoch`` set.
+    Returns those epochs; 0, doing nothing, for a missing or unreadable file or one saved by
+    another configuration than ``key``. After an interrupt, and for tracking.close_dead_runs."""
+    if not checkpoint.is_file():
         return 0
     try:
         record = saved_record(checkpoint)
     except Exception as err:  # cut short by a crash
-        log.warning("The checkpoint %s of run %s cannot be read (%s); not resumed", checkpoint, run.info.run_id, err)
+        log.warning("The checkpoint %s of run %s cannot be read (%s); not resumed", checkpoint, run_id, err)
         return 0
     if record.get("run_key") != key:
-        log.warning("The checkpoint %s is not of run %s's configuration; not resumed", checkpoint, run.info.run_id)
+        log.warning("The checkpoint %s is not of run %s's configuration; not resumed", checkpoint, run_id)
         return 0
-    epochs = record["epochs"]
-    if epochs not in [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]:
-        tracking.log_metrics(client, run.info.run_id, record["means"], epochs)
-    client.log_artifact(run.info.run_id, str(checkpoint), "checkpoints")
-    return epochs
+    log_saved_epoch(client, run_id, record)
+    client.log_artifact(run_id, str(checkpoint), "checkpoints")
+    client.set_tag(run_id, "resume_from_epoch", str(record["epochs"]))
+    return record["epochs"]
+
+
+def salvage(client, key: str, run) -> int:
+    """For tracking.close_dead_runs: ``keep_checkpoint`` of the checkpoint that the dead ``run``
+    left in its output folder."""
+    output_dir = run.data.tags.get("output_dir")
+    return keep_checkpoint(client, run.info.run_id, Path(output_dir) / "checkpoints" / "last.ckpt", key
+                           ) if output_dir else 0
 
 
 def resume_or_start(client, experiment_id: str, cfg: DictConfig, key: str, checkpoint: Path
@@ -180,10 +192,11 @@ def resume_or_start(client, experiment_id: str, cfg: DictConfig, key: str, check
     killed = None if cfg.force else tracking.latest_run(client, experiment_id, key, "KILLED")
     if killed is None or "resume_from_epoch" not in killed.data.tags:
         return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
-    run_id, epochs = killed.info.run_id, int(killed.data.tags["resume_from_epoch"])
+    run_id = killed.info.run_id
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     os.replace(client.download_artifacts(run_id, "checkpoints/last.ckpt", str(checkpoint.parent)), checkpoint)
-    saved_key = saved_record(checkpoint).get("run_key")
+    record = saved_record(checkpoint)
+    saved_key = record.get("run_key")
     if saved_key != key:
         reason = f"its checkpoint is of another configuration ({saved_key}, not {key}), so it was not resumed"
         log.warning("Run %s: %s; starting a new run", run_id, reason)
@@ -191,6 +204,8 @@ def resume_or_start(client, experiment_id: str, cfg: DictConfig, key: str, check
         client.set_tag(run_id, "error", reason)
         checkpoint.unlink()
         return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
+    epochs = record["epochs"]  # the file's, which a run stopped by an older version may have tagged one short
+    log_saved_epoch(client, run_id, record)
     client.update_run(run_id, status="RUNNING")
     tags = {"resumed_from_epoch": epochs, "output_dir": checkpoint.parents[1], **tracking.process_tags()}
     for name, value in tags.items():
@@ -276,10 +291,8 @@ def train(cfg: DictConfig) -> dict:
             interrupted = stop is not None or isinstance(err, INTERRUPTS)
             reason = str(stop or f"{type(err).__name__}: {err}")
             tracking.record_reason(output_dir, reason)  # for the next launch, should the store fail below
-            if interrupted and epoch_end.saved:
-                attempt(epoch_end.log_epoch, True)  # if stopped between the checkpoint and its metrics
-                if attempt(client.log_artifact, run_id, str(checkpoint), "checkpoints"):
-                    attempt(client.set_tag, run_id, "resume_from_epoch", str(epoch_end.saved))
+            if interrupted and epoch_end.saved:  # the checkpoint file is this run's
+                attempt(keep_checkpoint, client, run_id, checkpoint, key)
             attempt(client.set_tag, run_id, "error", reason[:5000])
             attempt(client.set_terminated, run_id, "KILLED" if interrupted else "FAILED", tries=3)
             if stop is not None and not isinstance(err, Interrupted):
