@@ -18,9 +18,12 @@ devices.register_resolver()  # ${jobs_at_once:...} of hydra/launcher=joblib_gpu,
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from vae_sweeps.train import train  # after Hydra has parsed the command line: --help stays fast
+    from vae_sweeps.config import validate  # after Hydra has parsed the command line: --help stays fast
 
     try:
+        validate(cfg)  # before Lightning is imported: a bad value is refused in seconds, not ten
+        from vae_sweeps.train import train
+
         result = train(cfg)
     except UserError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
