@@ -58,9 +58,10 @@ evaluate: ## Fill in the end-of-run evaluation that older runs lack (the judge's
 results: evaluate ## Publish: back-fill, then rebuild the report into results/ (the folder that is committed)
 	$(PY) -m vae_sweeps.report --out results
 
-# The tests spend most of their time starting jobs in subprocesses, one core each: two test files
-# run at once (pytest-xdist; a file stays on one worker, so its module fixtures are built once).
-TEST_ARGS ?= -n 2 --dist loadfile
+# The tests spend most of their time starting jobs in subprocesses, one core each: two tests run
+# at once (pytest-xdist), each sent to whichever worker is free. A module fixture may then be built
+# on both workers, which costs less than one worker idling while the other runs a long file.
+TEST_ARGS ?= -n 2 --dist load
 test: ## Run the test suite
 	$(PY) -m pytest $(TEST_ARGS)
 

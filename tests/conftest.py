@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -58,6 +59,27 @@ def write_dataset(root: Path, folder: str, gz: bool = True) -> Path:
         write_idx(raw / f"{prefix}-images-idx3-ubyte{suffix}", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
     return root
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """A new SQLite store with MLflow's tables made and no experiment of ours: MLflow's schema
+    migrations take about 4 s per new store, which most tests need not pay again."""
+    db = tmp_path_factory.mktemp("migrated") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(autouse=True)
+def _store_made(request):
+    """The store of a test that has a tmp_path (tmp_path/mlruns/mlflow.db) starts as a copy of
+    ``migrated_db``, unless the test is marked ``fresh_store``: those test the making of a new
+    store, or that none is made. Every other store in a test is made as a user's is."""
+    if "tmp_path" not in request.fixturenames or request.node.get_closest_marker("fresh_store"):
+        return
+    db = request.getfixturevalue("tmp_path") / "mlruns" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(request.getfixturevalue("migrated_db"), db)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 from conftest import all_runs, job_env, run_cli, store, tiny_overrides
 
-from vae_sweeps.errors import ConfigError, UserError
+from vae_sweeps.errors import ConfigError, DataError, UserError
 from vae_sweeps.tracking import check_reachable
 from vae_sweeps.train import train
 
@@ -120,17 +120,19 @@ def test_cli_prints_one_paragraph_and_exits_2(tmp_path, tiny_root):
     assert all_runs(tmp_path) == []
 
 
-def test_cli_missing_data_says_where_it_looked(tmp_path, tiny_root):
+def test_missing_data_says_where_it_looked(make_cfg, tmp_path):
+    # (the CLI prints a DataError as it prints any UserError: test_cli_prints_one_paragraph_and_exits_2)
     empty = tmp_path / "empty"
     empty.mkdir()
-    done = run_cli(tmp_path, tiny_root, f"data.root={empty}", "data=fashion_mnist")
-    assert done.returncode == 2
-    assert f"are missing from {empty}/FashionMNIST/raw" in done.stderr
-    assert "VAE_SWEEPS_DATA_DIR" in done.stderr and "Traceback" not in done.stderr
+    with pytest.raises(DataError) as err:
+        train(make_cfg(f"data.root={empty}", "data=fashion_mnist"))
+    message = str(err.value)
+    assert f"are missing from {empty}/FashionMNIST/raw" in message
+    assert "VAE_SWEEPS_DATA_DIR" in message and "\n" not in message
     assert all_runs(tmp_path) == []
 
 
-def test_cli_a_gzip_file_damaged_near_its_start_is_one_paragraph(tmp_path, tiny_root):
+def test_a_gzip_file_damaged_near_its_start_is_one_paragraph(make_cfg, tmp_path, tiny_root):
     raw = tmp_path / "datasets" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for gz in (tiny_root / "MNIST" / "raw").glob("*.gz"):
@@ -138,10 +140,9 @@ def test_cli_a_gzip_file_damaged_near_its_start_is_one_paragraph(tmp_path, tiny_
     damaged = raw / "train-images-idx3-ubyte.gz"
     packed = damaged.read_bytes()
     damaged.write_bytes(packed[:30] + bytes(len(packed) - 30))  # zeros from byte 30 on
-    done = run_cli(tmp_path, tiny_root, f"data.root={tmp_path / 'datasets'}")
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {damaged} is a damaged gzip file")
-    assert "Traceback" not in done.stderr + done.stdout
+    with pytest.raises(DataError) as err:
+        train(make_cfg(f"data.root={tmp_path / 'datasets'}"))
+    assert str(err.value).startswith(f"{damaged} is a damaged gzip file") and "\n" not in str(err.value)
     assert all_runs(tmp_path) == []
 
 

@@ -29,8 +29,13 @@ def planned(*arguments: str, sweep: dict | None = None):
         master = compose(config_name="config", overrides=list(arguments), return_hydra_config=True)
         params = {**(master.hydra.sweeper.params or {}), **(sweep or {})}
 
+        composed = {}  # plan_jobs composes every job already: compose each once
+
         def job_config(overrides):
-            return compose(config_name="config", overrides=[*arguments, *overrides])
+            key = tuple(overrides)
+            if key not in composed:
+                composed[key] = compose(config_name="config", overrides=[*arguments, *overrides])
+            return composed[key]
 
         grids = [dict(g) for g in master.hydra.sweeper.grids or []]
         jobs = [job for job, _ in plan_jobs(params, grids, arguments, job_config)]
@@ -126,6 +131,7 @@ def test_a_sweep_with_a_bad_value_names_every_bad_job():
     assert "loss.c=1 model.latent_dim=0: model.latent_dim=0 is not allowed" in message
 
 
+@pytest.mark.fresh_store
 def test_dry_run_from_the_command_line(tmp_path, tiny_root):
     done = run_cli(tmp_path, tiny_root, "experiment=fashion", "hydra.sweeper.dry_run=true")
     assert done.returncode == 0, done.stderr[-2000:]

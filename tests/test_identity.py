@@ -75,21 +75,27 @@ def test_names_of_a_run(tiny_cfg):
 
 def test_a_store_from_an_older_version_is_skipped_by_a_sweep_and_counted_once(tmp_path, tiny_root, tiny_cfg):
     """A FINISHED run logged before the prior and eval settings existed, with a config_hash of
-    the old formula: a sweep over its configuration skips it, and the report counts it once."""
+    the old formula, beside one logged today: a sweep over both configurations skips both, and
+    the report counts them in one cell."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     client, experiment_id = tracking.open_store(uri, "vae_sweeps")
-    run_id = client.create_run(experiment_id, run_name="mlp3-bce-z2-c1-mnist-s0",
-                               tags={"config_hash": "0123456789abcdef"}).info.run_id  # the old formula's
-    client.log_batch(run_id, params=[Param(k, v) for k, v in older(identity.params(tiny_cfg()), "prior.", "eval.").items()],
-                     metrics=[Metric(f"test/{k}", v, 0, 2) for k, v in (("loss", 150.0), ("recon", 143.0), ("kl", 7.0))])
-    client.set_terminated(run_id, "FINISHED")
+
+    def finished_run(params: dict[str, str], tags: dict[str, str]) -> str:
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                         metrics=[Metric(f"test/{k}", v, 0, 2) for k, v in (("loss", 150.0), ("recon", 143.0), ("kl", 7.0))])
+        client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    old = finished_run(older(identity.params(tiny_cfg()), "prior.", "eval."),
+                       {"config_hash": "0123456789abcdef"})  # the old formula's
+    new = finished_run(identity.params(tiny_cfg("seed=1")), {"config_hash": identity.run_key(tiny_cfg("seed=1"))})
 
     done = run_cli(tmp_path, tiny_root, "seed=0,1", flags=("-m",))
     assert done.returncode == 0, done.stderr
-    assert "Skipping 1 of 2 job(s) that already have a FINISHED run" in done.stdout
-    runs = client.search_runs([experiment_id])
-    assert len(runs) == 2 and {r.data.params["seed"] for r in runs} == {"0", "1"}  # only seed 1 trained
+    assert "Skipping 2 of 2 job(s) that already have a FINISHED run" in done.stdout
+    assert "0 job(s) to run" in done.stdout and len(client.search_runs([experiment_id])) == 2
 
     built = build_report(client, "vae_sweeps", tmp_path / "report")
     row = built["tables"]["table1"].set_index("model.name").loc["mlp3"]
-    assert row["n"] == 2 and row["seeds"] == "0 1" and run_id in row["run_ids"].split()
+    assert row["n"] == 2 and row["seeds"] == "0 1" and set(row["run_ids"].split()) == {old, new}

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import all_runs, job_env, prepared_store, slowed_cli
+from conftest import all_runs, job_env, prepared_store, slowed_cli, store
 
 from vae_sweeps import evaluate, judge
 from vae_sweeps.data import MNIST, load_arrays, to_tensors
@@ -45,15 +45,19 @@ def run(tmp_path: Path, *args: str, flags=()) -> subprocess.CompletedProcess:
 
 
 def test_a_sweep_with_a_failing_job_then_a_rerun_that_skips(tmp_path):
-    done = run(tmp_path, "loss.c=1,1e38", "trainer.max_epochs=2", flags=("-m",))
+    # c = 1e38 is a valid weight, but c * Recon overflows float32 at the first step
+    done = run(tmp_path, "loss.c=1e38,1", "trainer.max_epochs=2", flags=("-m",))
     assert done.returncode == 1
-    assert "error: 1 of 2 job(s) failed:" in done.stderr and "NonFiniteLoss" in done.stderr
+    assert "error: 1 of 2 job(s) failed:" in done.stderr
+    assert "  #0 loss.c=1e+38: NonFiniteLoss: train/loss is inf at epoch 1, step 1" in done.stderr
     runs = {r.data.params["loss.c"]: r for r in all_runs(tmp_path)}
-    assert {c: r.info.status for c, r in runs.items()} == {"1.0": "FINISHED", "1e+38": "FAILED"}
-    finished = runs["1.0"]
+    assert {c: r.info.status for c, r in runs.items()} == {"1e+38": "FAILED", "1.0": "FINISHED"}
+    assert runs["1e+38"].data.tags["error"] == "NonFiniteLoss: train/loss is inf at epoch 1, step 1"
+    finished = runs["1.0"]  # the job after the failure ran in full
+    assert [m.step for m in store(tmp_path).get_metric_history(finished.info.run_id, "val/loss")] == [1, 2]
     assert finished.data.params["data.name"] == "mnist"
     assert finished.data.metrics["test/loss"] < 600 and 0 < finished.data.metrics["test/knn_accuracy"] <= 1
-    again = run(tmp_path, "loss.c=1,1e38", "trainer.max_epochs=2", flags=("-m",))
+    again = run(tmp_path, "loss.c=1e38,1", "trainer.max_epochs=2", flags=("-m",))
     assert "Skipping 1 of 2 job(s) that already have a FINISHED run" in again.stdout
     assert again.returncode == 1  # the failing job ran again, and failed again
     assert len(all_runs(tmp_path)) == 3
@@ -72,8 +76,9 @@ def test_sigterm_then_resume_on_the_real_data(tmp_path):
         time.sleep(0.2)
     job.send_signal(signal.SIGTERM)
     _, err = job.communicate(timeout=300)
+    assert job.returncode == 128 + signal.SIGTERM, err[-2000:]  # 143, as a shell expects
     (run_,) = all_runs(tmp_path)
-    assert run_.info.status == "KILLED", err[-2000:]
+    assert run_.info.status == "KILLED" and run_.data.tags["error"] == "interrupted (SIGTERM)", err[-2000:]
     epochs = int(run_.data.tags["resume_from_epoch"])
     assert 2 <= epochs < 20
     done = run(tmp_path, "trainer.max_epochs=20")

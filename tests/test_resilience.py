@@ -43,21 +43,10 @@ def history(client, run, key="train/loss") -> list[int]:
     return [m.step for m in client.get_metric_history(run.info.run_id, key)]
 
 
-def test_a_sweep_survives_a_job_whose_loss_turns_infinite(tmp_path, tiny_root):
-    # c = 1e38 is a valid weight, but c * Recon overflows float32 at the first step
-    done = run_cli(tmp_path, tiny_root, "loss.c=1,1e38,2", "trainer.max_epochs=2", *SMALL, flags=("-m",))
-    assert done.returncode == 1
-    assert "error: 1 of 3 job(s) failed:" in done.stderr
-    assert "  #1 loss.c=1e+38: NonFiniteLoss: train/loss is inf at epoch 1, step 1" in done.stderr
-    runs = {r.data.params["loss.c"]: r for r in all_runs(tmp_path)}
-    assert {c: r.info.status for c, r in runs.items()} == {"1.0": "FINISHED", "1e+38": "FAILED", "2.0": "FINISHED"}
-    assert runs["1e+38"].data.tags["error"] == "NonFiniteLoss: train/loss is inf at epoch 1, step 1"
-    assert len(history(store(tmp_path), runs["2.0"])) == 2  # the job after the failure ran in full
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_an_interrupted_run_is_killed_then_resumed_to_the_full_epoch_count(tmp_path, tiny_root, sig):
-    args = ("trainer.max_epochs=30", *SMALL)
+def test_an_interrupted_run_is_killed_then_resumed_to_the_full_epoch_count(tmp_path, tiny_root):
+    # Ctrl-C; SIGTERM takes the same path (test_real_mnist.py, scripts/slurm-local.sh)
+    sig, epochs = signal.SIGINT, 12
+    args = (f"trainer.max_epochs={epochs}", *SMALL)
     command = [*slowed_cli(0.3), *tiny_overrides(tmp_path, tiny_root), *args]
     client = prepared_store(tmp_path)
     # A background job of a non-interactive shell (as CI may be) inherits SIGINT ignored;
@@ -72,12 +61,12 @@ def test_an_interrupted_run_is_killed_then_resumed_to_the_full_epoch_count(tmp_p
     wait_for(three_epochs_done, 120, "three epochs")
     job.send_signal(sig)
     out, err = job.communicate(timeout=120)
-    assert job.returncode == 128 + sig, err[-2000:]  # as a shell expects: 143, 130
+    assert job.returncode == 128 + sig, err[-2000:]  # as a shell expects: 130
     (run,) = all_runs(tmp_path)
     assert run.info.status == "KILLED", err[-2000:]
     assert run.data.tags["error"] == f"interrupted ({sig.name})"
     epochs_done = int(run.data.tags["resume_from_epoch"])
-    assert 3 <= epochs_done < 30
+    assert 3 <= epochs_done < epochs
     assert history(client, run)[-1] == epochs_done  # the checkpoint is of the last logged epoch
     assert "checkpoints/last.ckpt" in [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
 
@@ -87,9 +76,9 @@ def test_an_interrupted_run_is_killed_then_resumed_to_the_full_epoch_count(tmp_p
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert resumed.data.tags["resumed_from_epoch"] == str(epochs_done)
     assert "resume_from_epoch" not in resumed.data.tags and "error" not in resumed.data.tags
-    assert history(client, resumed) == list(range(1, 31))
-    assert history(client, resumed, "val/loss") == list(range(1, 31))
-    assert history(client, resumed, "test/loss") == [30]
+    assert history(client, resumed) == list(range(1, epochs + 1))
+    assert history(client, resumed, "val/loss") == list(range(1, epochs + 1))
+    assert history(client, resumed, "test/loss") == [epochs]
 
 
 def test_interrupts_at_awkward_moments_keep_the_run_resumable(make_cfg, tmp_path, monkeypatch):
@@ -181,9 +170,10 @@ def test_a_sweep_run_twice_trains_nothing_the_second_time(tmp_path, tiny_root):
     assert "Skipping 2 of 2 job(s) that already have a FINISHED run (force=true runs them again):" in second.stdout
     assert "0 job(s) to run" in second.stdout
     assert len(all_runs(tmp_path)) == 2
-    forced = run_cli(tmp_path, tiny_root, "seed=0,1", "trainer.max_epochs=1", *SMALL, "force=true", flags=("-m",))
-    assert forced.returncode == 0
-    assert len(all_runs(tmp_path)) == 4
+    forced = run_cli(tmp_path, tiny_root, "seed=0,1", "trainer.max_epochs=1", *SMALL, "force=true",
+                     "hydra.sweeper.dry_run=true", flags=("-m",))
+    assert forced.returncode == 0 and "Skipping" not in forced.stdout
+    assert "Dry run: 2 job(s) to run (every job: " in forced.stdout  # force=true plans them again
 
 
 def test_a_single_finished_run_is_skipped_with_its_metrics(make_cfg, tmp_path):
@@ -197,9 +187,9 @@ def test_a_single_finished_run_is_skipped_with_its_metrics(make_cfg, tmp_path):
 
 
 def test_parallel_joblib_jobs_lose_no_metric(tmp_path, tiny_root):
-    epochs = 25
+    epochs = 15  # two jobs at a time, each writing 6 metrics an epoch into one SQLite store
     done = run_cli(tmp_path, tiny_root, "seed=0,1,2,3", f"trainer.max_epochs={epochs}", *SMALL,
-                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", flags=("-m",))
+                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", flags=("-m",))
     assert done.returncode == 0, done.stderr[-2000:]
     runs = all_runs(tmp_path)
     client = store(tmp_path)
@@ -209,7 +199,7 @@ def test_parallel_joblib_jobs_lose_no_metric(tmp_path, tiny_root):
         for key in ("train/loss", "train/recon", "train/kl", "val/loss", "val/recon", "val/kl"):
             assert history(client, run, key) == list(range(1, epochs + 1)), key
     cores = len(os.sched_getaffinity(0))
-    assert {r.data.tags["torch_threads"] for r in runs} == {str(max(1, cores // 4))}
+    assert {r.data.tags["torch_threads"] for r in runs} == {str(max(1, cores // 2))}
     assert len({r.data.tags["sweep_id"] for r in runs}) == 1
 
 
@@ -240,6 +230,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.fresh_store
 def test_runs_log_to_the_make_server_over_http(tmp_path, tiny_root, monkeypatch):
     port = free_port()
     server = subprocess.Popen(
@@ -284,6 +275,7 @@ def test_no_secret_or_environment_value_becomes_a_param(make_cfg, tmp_path, tiny
     assert "s3cret" not in text and "postgresql://alice:***@db.example/mlflow" in text
 
 
+@pytest.mark.fresh_store
 def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
     # Each process imports mlflow, says it is ready, then waits for one common "go".
     go = tmp_path / "go"
