@@ -367,8 +367,8 @@ def close_dead_runs(client: MlflowClient, experiment_id: str, key: str, salvage=
     reason is the one the process recorded in its output folder (``record_reason``), if it got
     that far. ``salvage(run)`` makes the run resumable from the checkpoint of its last completed
     epoch in that folder and returns its epochs (0: none): the run then ends KILLED, as after
-    Ctrl-C; otherwise FAILED. Other hosts' runs are left alone: their processes
-    and folders are not here."""
+    Ctrl-C; otherwise FAILED. Other hosts' runs are left alone: their processes and folders are
+    not here."""
     for run in runs_of(client, experiment_id, key, "RUNNING"):
         tags, run_id = run.data.tags, run.info.run_id
         if tags.get("host") != socket.gethostname() or alive(run):
