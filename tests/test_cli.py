@@ -171,20 +171,30 @@ def test_any_answer_from_a_tracking_server_counts():
         server.shutdown()
 
 
-@pytest.mark.parametrize("where", ["override", "environment"])
+@pytest.mark.parametrize("where", ["override", "quoted override", "config file", "environment"])
 def test_cli_refuses_a_password_in_the_tracking_uri_and_shows_it_nowhere(tmp_path, tiny_root, where):
     uri = "http://user:secretpw@127.0.0.1:9"
     env = job_env()
     args = [sys.executable, "-m", "vae_sweeps", *tiny_overrides(tmp_path, tiny_root)]
     if where == "override":
         args.append(f"tracking.uri={uri}")
+    elif where == "quoted override":  # as a shell passes tracking.uri="'http://...'"
+        args.append(f"tracking.uri='{uri}'")
+    elif where == "config file":  # a team's experiment config in the user's own config folder
+        (tmp_path / "team" / "experiment").mkdir(parents=True)
+        (tmp_path / "team" / "experiment" / "team.yaml").write_text(
+            f"# @package _global_\ntracking:\n  uri: {uri}\n")
+        args = [arg for arg in args if not arg.startswith("tracking.uri=")]  # the file's URI, then
+        args[3:3] = ["--config-dir", str(tmp_path / "team")]
+        args.append("experiment=team")
     else:
         env["MLFLOW_TRACKING_URI"] = uri
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in done.stderr
     assert "secretpw" not in done.stdout + done.stderr and "Traceback" not in done.stderr
-    assert [path for path in tmp_path.rglob("*") if path.is_file() and b"secretpw" in path.read_bytes()] == []
+    written = [path for path in tmp_path.rglob("*") if path.is_file() and b"secretpw" in path.read_bytes()]
+    assert written == ([tmp_path / "team" / "experiment" / "team.yaml"] if where == "config file" else [])
 
 
 def test_cli_unknown_config_group_option_lists_the_allowed_ones(tmp_path, tiny_root):

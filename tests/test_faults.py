@@ -1,6 +1,7 @@
 """Faults that must not lose or mix up work: jobs started in the same second, a foreign
 checkpoint, a process killed with SIGKILL, a full disk, a store that fails during the clean-up,
-a second launch of a configuration that is running, and the exit status of an interrupt."""
+a second launch of a configuration that is running (or starting at the same moment), and the
+exit status of an interrupt."""
 
 import errno
 import os
@@ -16,7 +17,6 @@ import pytest
 import torch
 from conftest import all_runs, job_env, prepared_store, run_cli, slowed_cli, store, tiny_overrides
 from mlflow import MlflowClient
-from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from test_resilience import SMALL, history, wait_for
@@ -188,16 +188,24 @@ def test_a_store_failing_during_the_clean_up_hides_no_error_and_the_next_launch_
     assert run.data.tags["error"].startswith("NonFiniteLoss: train/loss is inf")  # the reason it recorded
 
 
-def test_a_configuration_with_a_live_run_is_not_started_again(make_cfg, tmp_path, tiny_root):
-    cfg = make_cfg(*QUICK)
-    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
-    # a run of this configuration whose process (this one) is alive on this host
-    live = client.create_run(experiment_id, tags={"host": socket.gethostname(), "pid": str(os.getpid())}).info.run_id
-    client.log_batch(live, params=[Param(k, v) for k, v in identity.params(cfg).items()])
-    done = run_cli(tmp_path, tiny_root, *QUICK)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"Skipped: this configuration has a RUNNING run ({live}" in done.stdout
-    assert [run.info.run_id for run in all_runs(tmp_path)] == [live]
+def test_two_identical_commands_started_together_train_once(tmp_path, tiny_root):
+    """The configuration's lock (tracking.claim): the second launch waits while the first looks
+    for runs and starts its own, then sees that RUNNING run and skips. Each launch pauses 3 s
+    between finding no run and starting one, so that without the lock both would train."""
+    prepared_store(tmp_path)
+    pause = ("import time, vae_sweeps.train as job; found = job.already_taken; "
+             "job.already_taken = lambda *args: (found(*args), time.sleep(3))[0]")
+    args = [*slowed_cli(0.5, pause), *tiny_overrides(tmp_path, tiny_root), *QUICK, "trainer.max_epochs=8"]
+    jobs = [subprocess.Popen(args, cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], [err[-2000:] for _, err in outputs]
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    skipped = [out for out, _ in outputs if "Skipped: this configuration has a RUNNING run" in out]
+    trained = [out for out, _ in outputs if "test/loss" in out]
+    assert len(skipped) == len(trained) == 1
+    assert f"({run.info.run_id}" in skipped[0] and f"MLflow run id: {run.info.run_id}" in trained[0]
 
 
 def test_a_run_on_another_host_is_live_while_its_heartbeat_is_recent():

@@ -38,9 +38,9 @@ def small_module() -> VAEModule:
                      optim={"name": "adam", "lr": 1e-3})
 
 
-def fit(module: VAEModule, batch_size: int, epochs: int = 2) -> None:
+def fit(module: VAEModule, batch_size: int, epochs: int = 2, progress_bar: bool = False) -> None:
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+                         enable_progress_bar=progress_bar, enable_model_summary=False)
     trainer.fit(module, datamodule=InMemory(batch_size))
 
 
@@ -73,13 +73,14 @@ def counting_read_backs(monkeypatch) -> tuple[Counter, Counter]:
     return everywhere, in_step
 
 
-def test_training_steps_read_nothing_back_from_the_device(monkeypatch):
+@pytest.mark.parametrize("progress_bar", [False, True])  # a terminal's run shows Lightning's bar
+def test_training_steps_read_nothing_back_from_the_device(monkeypatch, progress_bar):
     everywhere, in_step = counting_read_backs(monkeypatch)
-    fit(small_module(), batch_size=8)  # 10 training steps per epoch
+    fit(small_module(), batch_size=8, progress_bar=progress_bar)  # 10 training steps per epoch
     per_10_steps = Counter(everywhere)
     assert sum(in_step.values()) == 0  # the non-finite check runs at the epoch's end
     everywhere.clear()
-    fit(small_module(), batch_size=4)  # 20 steps per epoch, twice the validation steps too
+    fit(small_module(), batch_size=4, progress_bar=progress_bar)  # 20 steps per epoch, twice the validation steps
     assert everywhere == per_10_steps  # what is read back depends on the epochs, not on the steps
     assert sum(in_step.values()) == 0
 

@@ -44,7 +44,7 @@ def refuse_passwords(args: list[str]) -> None:
     starts: Hydra saves the overrides under outputs/ (.hydra/) before any job begins."""
     for arg in args:
         key, _, value = arg.partition("=")
-        refuse_password(key.lstrip("+~"), value)
+        refuse_password(key.lstrip("+~"), value.strip("'\""))  # tracking.uri='http://...'; Hydra unquotes it
     refuse_password("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI", ""))
 
 

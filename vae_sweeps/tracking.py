@@ -495,16 +495,26 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
 
 
 class PrepareTracking(Callback):
-    """Hydra callback: before the jobs of a multirun start, create the store and the
-    experiment once (SQLite's schema migration is not safe to run from jobs in parallel)
-    and give the sweep an id that every job tags its run with."""
+    """Hydra callback: before one run or the jobs of a multirun start, and before Hydra writes
+    anything under outputs/, check the composed tracking settings (a password in a config file
+    or a quoted override is refused before it is saved). For a multirun, also create the store
+    and the experiment once (SQLite's schema migration is not safe to run from jobs in
+    parallel) and give the sweep an id that every job tags its run with."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from vae_sweeps.config import validate_tracking
+
+        try:
+            validate_tracking(config)
+        except UserError as err:  # the CLI prints it and exits 2
+            raise SweepFailed(str(err), status=2) from err
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from vae_sweeps.config import validate_tracking
 
-        uri = resolve_uri(config.tracking.uri)
         try:  # bad tracking settings, or a store that cannot be used: one paragraph, as for one run
             validate_tracking(config)
+            uri = resolve_uri(config.tracking.uri)
             check_reachable(uri)  # a dry run too: the sweeper asks the store for its finished runs
             if config.hydra.sweeper.get("dry_run"):
                 return
