@@ -153,7 +153,7 @@ def slowed_cli(seconds_per_epoch: float, patch: str = "") -> list[str]:
     """``python -m vae_sweeps`` in which every training epoch lasts at least
     ``seconds_per_epoch``, so that a test which interrupts a run mid-training is not outrun
     by tiny epochs on a fast machine; ``patch``: Python statements run first."""
-    code = (f"{patch}; import runpy, time; from vae_sweeps.module import VAEModule; "
+    code = (f"{patch}\nimport runpy, time; from vae_sweeps.module import VAEModule; "
             f"VAEModule.on_train_epoch_start = lambda self: time.sleep({seconds_per_epoch}); "
             "runpy.run_module('vae_sweeps', run_name='__main__', alter_sys=True)")
     return [sys.executable, "-c", code]
