@@ -19,6 +19,7 @@ from conftest import all_runs, job_env, prepared_store, run_cli, slowed_cli, sto
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from sqlalchemy.engine.default import DefaultDialect
 from test_resilience import SMALL, history, wait_for
 
 from vae_sweeps import faults, identity, tracking
@@ -234,6 +235,47 @@ def test_ctrl_c_stops_a_sweep_with_status_130_and_starts_no_other_job(tmp_path, 
     (run,) = all_runs(tmp_path)  # the second job never started
     assert (run.data.params["seed"], run.info.status) == ("0", "KILLED")
     assert run.data.tags["error"] == "interrupted (SIGINT)"
+
+
+def signal_inside_commits(monkeypatch, times: int = 1) -> None:
+    """Every SQLite commit of the store first sends this process SIGINT ``times`` times: the
+    handler runs inside the commit, as a Ctrl-C does that lands there by chance."""
+    original = DefaultDialect.do_commit
+
+    def interrupted_commit(self, connection):
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # Python runs the handler here
+        return original(self, connection)
+
+    monkeypatch.setattr(DefaultDialect, "do_commit", interrupted_commit)
+
+
+def test_a_signal_inside_a_store_commit_comes_after_it_and_leaves_the_store_unlocked(tmp_path, monkeypatch):
+    # Raised inside the commit, the interrupt left this process holding SQLite's write lock:
+    # the clean-up's calls then waited for it in vain and the run stayed RUNNING.
+    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlflow.db", "vae_sweeps")
+    run_id = client.create_run(experiment_id).info.run_id
+    signal_inside_commits(monkeypatch)
+    with faults.signals_as_interrupt(), pytest.raises(faults.Interrupted) as stop:
+        client.set_tag(run_id, "epoch", "1")
+    monkeypatch.undo()
+    assert stop.value.signum == signal.SIGINT
+    checker = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert checker.get_run(run_id).data.tags["epoch"] == "1"  # the write was finished first
+    started = time.monotonic()
+    client.set_terminated(run_id, "KILLED")  # the clean-up, as train does it
+    assert checker.get_run(run_id).info.status == "KILLED" and time.monotonic() - started < 5
+
+
+def test_a_second_signal_during_a_store_call_stops_at_once(tmp_path, monkeypatch):
+    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlflow.db", "vae_sweeps")
+    run_id = client.create_run(experiment_id).info.run_id
+    signal_inside_commits(monkeypatch, times=2)  # Ctrl-C twice: a store that does not answer
+    with faults.signals_as_interrupt(), pytest.raises(faults.Interrupted):
+        client.set_tag(run_id, "epoch", "1")
+    monkeypatch.undo()
+    assert "epoch" not in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).data.tags
 
 
 def test_an_interrupt_just_after_a_checkpoint_was_replaced_loses_no_epoch(make_cfg, tmp_path, monkeypatch):

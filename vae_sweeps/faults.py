@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -46,6 +47,37 @@ class Signals:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class _Held:
+    """The store calls under way in the main thread (``uninterrupted``), and a signal that came
+    during one of them."""
+
+    depth = 0
+    pending: int | None = None
+
+
+@contextmanager
+def uninterrupted():
+    """Hold back the Interrupted of ``signals_as_interrupt`` for the length of one call to the
+    store: raised inside SQLite's commit, it would leave this process holding the database's
+    write lock, and the clean-up calls that follow would wait for it in vain (the run would stay
+    RUNNING). The signal is raised when the call returns; a second one raises at once, so that a
+    store that does not answer can still be left with Ctrl-C. Elsewhere than in the main
+    thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _Held.depth += 1
+    try:
+        yield
+    finally:
+        _Held.depth -= 1
+        signum = _Held.pending if _Held.depth == 0 else None
+        if signum is not None:
+            _Held.pending = None
+    if signum is not None:
+        raise Interrupted(signum)
+
+
 @contextmanager
 def signals_as_interrupt():
     """Raise Interrupted on SIGINT and SIGTERM, so that the run ends KILLED with its checkpoint
@@ -60,6 +92,11 @@ def signals_as_interrupt():
 
     def interrupt(signum, frame):
         signals.received = signum
+        if _Held.depth and _Held.pending is None:  # in a store call: raised when it returns
+            _Held.pending = signum
+            print(f"{signal.Signals(signum).name}: stopping once the call to the tracking store returns "
+                  "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            return
         raise Interrupted(signum)
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}

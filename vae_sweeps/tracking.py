@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_sweeps import identity
 from vae_sweeps.errors import SweepFailed, UserError
+from vae_sweeps.faults import uninterrupted
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class RetryingClient:
 
     MLflow already waits up to 20 s for SQLite's lock; many parallel jobs on one database
     can wait longer, and a failed write would lose a metric or leave a run RUNNING. A write
-    that failed this way was rolled back, so it is safe to repeat.
+    that failed this way was rolled back, so it is safe to repeat. A signal during a call is
+    raised when the call returns (``faults.uninterrupted``).
     """
 
     def __init__(self, client: MlflowClient, attempts: int = 6, wait: float = 1.0):
@@ -93,7 +95,8 @@ class RetryingClient:
         def call(*args, **kwargs):
             for attempt in range(1, self.attempts + 1):
                 try:
-                    return method(*args, **kwargs)
+                    with uninterrupted():  # a signal mid-commit would leave SQLite locked by us
+                        return method(*args, **kwargs)
                 except Exception as err:
                     if "database is locked" not in str(err) or attempt == self.attempts:
                         raise
