@@ -80,7 +80,7 @@ def test_the_judge_is_stored_once_and_reused(tmp_path, digits, monkeypatch):
     assert calls == [1, 1]
 
 
-def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, monkeypatch):
+def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, monkeypatch, capfd):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_tiny(tmp_path, tiny_root, "model=mlp2", "model.hidden=[64]", "trainer.max_epochs=1")
     with monkeypatch.context() as before:
@@ -95,7 +95,10 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     args = ["--tracking-uri", uri, "--data-root", str(tiny_root), "model.name=mlp2"]
     assert evaluate.backfill(uri, "vae_sweeps", {"model.name": "mlp3"}, str(tiny_root), dry_run=True) == 0
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)  # as in a new process
+    capfd.readouterr()
     evaluate.main(args)
+    assert "Downloading artifacts" not in capfd.readouterr().err  # no progress bar per run
     run = client.get_run(result["run_id"])
     assert run.data.tags["eval_version"] == evaluate.EVAL_VERSION == run.data.tags["eval_backfilled"]
     assert 0 <= run.data.metrics["test/judged_accuracy"] <= 1

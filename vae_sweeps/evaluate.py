@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         parser.error(f"filters are KEY=VALUE params, e.g. model.name=mlp3; not {', '.join(bad)}")
     filters = dict(f.split("=", 1) for f in args.filters)
+    tracking.quiet_downloads()
     try:
         backfill(tracking.resolve_uri(args.tracking_uri), args.experiment, filters, args.data_root, args.dry_run)
     except UserError as err:

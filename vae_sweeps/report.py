@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"MLflow store (default: $MLFLOW_TRACKING_URI, else {defaults.uri})")
     parser.add_argument("--experiment", default=defaults.experiment, help="MLflow experiment name")
     args = parser.parse_args(argv)
+    tracking.quiet_downloads()
     uri = tracking.resolve_uri(args.tracking_uri)
     tracking.repair_moved_store(uri)  # a moved SQLite store: find its figures beside it
     result = build_report(MlflowClient(tracking_uri=uri), args.experiment, args.out, tracking.redact(uri))

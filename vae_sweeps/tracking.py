@@ -165,6 +165,13 @@ def check_writable(db: Path) -> None:
                             f"logged there. Make it writable, or {elsewhere}.")
 
 
+def quiet_downloads() -> None:
+    """No progress bar for each checkpoint or figure fetched from the store (a resume, the
+    judge, a back-fill, a report): in a log, two bars per run are noise. The user's
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings them back."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """A client of the store at ``uri`` and the id of ``experiment``, both created if new.
 

@@ -248,6 +248,7 @@ def train(cfg: DictConfig) -> dict:
     for the next launch to close the run with.
     """
     validate(cfg)
+    tracking.quiet_downloads()
     output_dir = Path(cfg.paths.output_dir)
     uri = tracking.resolve_uri(cfg.tracking.uri)
     client, experiment_id = tracking.open_store(uri, cfg.tracking.experiment)
