@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from mlflow.entities import Metric, Param
 
 from vae_sweeps import figures
-from vae_sweeps.report import TITLE_BAND, build_report
+from vae_sweeps.report import TITLE_BAND, build_report, provenance
 from vae_sweeps.train import train
 
 # (overrides, seed) of the real runs; mlp3/bce/z2 runs twice, so its cells have n = 2.
@@ -191,3 +191,14 @@ def test_every_counted_run_is_one_row_of_runs_csv_with_its_provenance(report):
     assert row["torch_version"] == torch.__version__ and row["cpu_count"] == os.cpu_count()
     text = (out / "report.md").read_text()
     assert f"torch `{torch.__version__}`" in text and "hours of training and evaluation" in text
+
+
+def test_provenance_gives_the_compute_time_and_the_wall_time_from_first_start_to_last_end():
+    hour = 3.6e6  # ms
+    done = pd.DataFrame({"commit": ["abc", "abc"], "host": ["vm", "vm"], "cpu_count": [2, 2], "torch_threads": [1, 1],
+                         "torch_version": ["2.14.1", "2.14.1"], "start_time": [0, 3 * hour],
+                         "end_time": [0.5 * hour, 4 * hour]})
+    text = provenance(done)
+    # 0.5 h + 1 h of runs, 4 h from the first start to the last end
+    assert "1.5 hours of training and evaluation" in text and "4.0 hours from the first run's start" in text
+    assert "commit(s) `abc`" in text and "`make study`" in text

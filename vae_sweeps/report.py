@@ -161,11 +161,18 @@ def provenance(done: pd.DataFrame) -> str:
         values = sorted({str(v) for v in done.get(column, pd.Series(dtype=object)).dropna()})
         return ", ".join(f"`{v}`" for v in values) or "not recorded"
 
-    hours = ((done["end_time"] - done["start_time"]).clip(lower=0).sum() / 3.6e6) if "end_time" in done else math.nan
+    if "end_time" in done:
+        hours = (done["end_time"] - done["start_time"]).clip(lower=0).sum() / 3.6e6
+        span = (done["end_time"].max() - done["start_time"].min()) / 3.6e6
+    else:
+        hours = span = math.nan
     return (f"Provenance of the counted runs: code at commit(s) {listed('commit')}; host(s) {listed('host')} with "
             f"{listed('cpu_count')} CPU core(s), {listed('torch_threads')} torch thread(s) per job, torch "
             f"{listed('torch_version')}; {hours:.1f} hours of training and evaluation in all (the sum of the runs' "
-            "wall times). `runs.csv` lists every counted run with its params and test metrics.")
+            f"wall times), {span:.1f} hours from the first run's start to the last run's end. The study's runs come from "
+            "`make study` (for each part, `python -m vae_sweeps experiment=<part>`: the axes and seeds of "
+            "conf/experiment/<part>.yaml) and this report by `make report` (`make results` for results/). "
+            "`runs.csv` lists every counted run with its params and test metrics.")
 
 
 def report_markdown(spec, tables, missing, made, absent, done, n_other, experiment, source, checked=()) -> str:
