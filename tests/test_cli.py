@@ -3,6 +3,7 @@
 import http.server
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -213,6 +214,10 @@ def test_multirun_tracks_each_job_with_one_sweep_id(tmp_path, tiny_root):
     assert {r.info.status for r in runs} == {"FINISHED"}
     sweep_ids = {r.data.tags.get("sweep_id") for r in runs}
     assert len(sweep_ids) == 1 and None not in sweep_ids
+    # both runs name the command that launched them (the report lists these)
+    command = shlex.join(["python", "-m", "vae_sweeps", "-m", *tiny_overrides(tmp_path, tiny_root),
+                          "model=mlp2,cnn", "trainer.max_epochs=1"])
+    assert {r.data.tags.get("command") for r in runs} == {command}
     # each job printed its own run id, and wrote its outputs under outputs/multirun/<time>/<job>
     printed = set(re.findall(r"MLflow run id: (\w+)", done.stdout))
     assert printed == {r.info.run_id for r in runs}

@@ -197,8 +197,14 @@ def test_provenance_gives_the_compute_time_and_the_wall_time_from_first_start_to
     hour = 3.6e6  # ms
     done = pd.DataFrame({"commit": ["abc", "abc"], "host": ["vm", "vm"], "cpu_count": [2, 2], "torch_threads": [1, 1],
                          "torch_version": ["2.14.1", "2.14.1"], "start_time": [0, 3 * hour],
-                         "end_time": [0.5 * hour, 4 * hour]})
+                         "end_time": [0.5 * hour, 4 * hour],
+                         "command": ["python -m vae_sweeps experiment=table1"] * 2})
     text = provenance(done)
     # 0.5 h + 1 h of runs, 4 h from the first start to the last end
     assert "1.5 hours of training and evaluation" in text and "4.0 hours from the first run's start" in text
     assert "commit(s) `abc`" in text and "`make study`" in text
+    assert "(each run's `command` tag): `python -m vae_sweeps experiment=table1` (2 runs)." in text
+    many = pd.concat([done, done.assign(command=["python -m vae_sweeps -m seed=3", None])])
+    assert ("`python -m vae_sweeps -m seed=3` (1 run); `python -m vae_sweeps experiment=table1` (2 runs)."
+            in provenance(many))  # sorted; a run without the tag (trained by the Python API) is not listed
+    assert "(each run's `command` tag): not recorded." in provenance(done.drop(columns="command"))

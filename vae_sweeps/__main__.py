@@ -1,6 +1,7 @@
 """``python -m vae_sweeps [overrides]`` trains one VAE; ``-m`` sweeps (Hydra multirun)."""
 
 import os
+import shlex
 import signal
 import sys
 import uuid
@@ -57,6 +58,9 @@ if __name__ == "__main__":
     # A new id for each launch, in its output folder's name (hydra.run.dir and hydra.sweep.dir in
     # conf/config.yaml): two launches in the same second never share a folder or a checkpoint.
     os.environ["VAE_SWEEPS_LAUNCH_ID"] = uuid.uuid4().hex[:6]
+    # The command behind every run of this launch, its `command` tag (train.py), in any launcher's
+    # job: the report names the commands behind its numbers. It holds no password (refused above).
+    os.environ["VAE_SWEEPS_COMMAND"] = shlex.join(["python", "-m", "vae_sweeps", *sys.argv[1:]])
     try:
         main()
     except SweepFailed as err:  # jobs with bad values (2), or jobs that failed (1): the study sweeper's list

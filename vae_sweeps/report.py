@@ -148,7 +148,7 @@ def runs_table(done: pd.DataFrame) -> pd.DataFrame:
     params = sorted(c for c in done.columns if c not in RECORD and not c.startswith("metrics.") and c != "seed")
     tests = sorted(c for c in done.columns if c.startswith("metrics.test/"))
     table = done.reindex(columns=["run_id", "seed", "commit", "host", "torch_version", "cpu_count", "torch_threads",
-                                  "start_time", "end_time", *params, *tests])
+                                  "command", "start_time", "end_time", *params, *tests])
     return table.rename(columns={c: c[len("metrics."):] for c in tests}).sort_values(["start_time", "run_id"])
 
 
@@ -166,12 +166,15 @@ def provenance(done: pd.DataFrame) -> str:
         span = (done["end_time"].max() - done["start_time"].min()) / 3.6e6
     else:
         hours = span = math.nan
+    commands = done.get("command", pd.Series(dtype=object)).dropna().value_counts().sort_index()
+    launched = "; ".join(f"`{command}` ({count} run{'s' * (count != 1)})" for command, count in commands.items())
     return (f"Provenance of the counted runs: code at commit(s) {listed('commit')}; host(s) {listed('host')} with "
             f"{listed('cpu_count')} CPU core(s), {listed('torch_threads')} torch thread(s) per job, torch "
             f"{listed('torch_version')}; {hours:.1f} hours of training and evaluation in all (the sum of the runs' "
-            f"wall times), {span:.1f} hours from the first run's start to the last run's end. The study's runs come from "
-            "`make study` (for each part, `python -m vae_sweeps experiment=<part>`: the axes and seeds of "
-            "conf/experiment/<part>.yaml) and this report by `make report` (`make results` for results/). "
+            f"wall times), {span:.1f} hours from the first run's start to the last run's end. The commands that "
+            f"trained them (each run's `command` tag): {launched or 'not recorded'}. `make study` runs each part "
+            "in turn (`python -m vae_sweeps experiment=<part>`: the axes and seeds of conf/experiment/<part>.yaml); "
+            "this report comes from `make report` (`make results` for results/). "
             "`runs.csv` lists every counted run with its params and test metrics.")
 
 

@@ -23,10 +23,10 @@ from vae_sweeps import identity, tracking
 
 PROJECT = Path(__file__).resolve().parents[1]
 TABLES_FILE = PROJECT / "experiments" / "tables.yaml"
-TAGGED = ("sweep_id", "classes_drawn", "host", "torch_version", "cpu_count", "torch_threads")
+TAGGED = ("sweep_id", "classes_drawn", "host", "torch_version", "cpu_count", "torch_threads", "command")
 # per-run columns that are not params: the run, its group (identity.group_key) and provenance tags
 RECORD = ("run_id", "status", "start_time", "end_time", "sweep_id", "group", "classes_drawn", "commit", "host",
-          "torch_version", "cpu_count", "torch_threads")
+          "torch_version", "cpu_count", "torch_threads", "command")
 STATS = (("recon", "recon"), ("kl", "kl"), ("total", "loss"))  # (column name, metric name)
 # The end-of-run evaluation (evaluation.py): (metric test/<name>, column header)
 EVALUATION = (("elbo", "ELBO"), ("log_px", "log p(x), IW"), ("recon_bce", "BCE"), ("recon_l2", "L2"),

@@ -266,9 +266,12 @@ def train(cfg: DictConfig) -> dict:
     tracking.record_reason(output_dir, None)  # an earlier attempt's, where a folder is used again
     torch.set_num_threads(torch_threads(cfg))
     tracking.describe_run(client, run_id, datamodule, identity.caption(cfg, run_id))
-    for name, value in {"torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-                        "cpu_count": os.cpu_count()}.items():  # the machine behind the numbers
-        client.set_tag(run_id, name, str(value))
+    provenance = {"torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+                  "cpu_count": os.cpu_count(),  # the machine behind the numbers
+                  "command": os.environ.get("VAE_SWEEPS_COMMAND")}  # and the launch (__main__.py), if any
+    for name, value in provenance.items():
+        if value is not None:
+            client.set_tag(run_id, name, str(value))
     log.info("MLflow run %s (%s)", run_id, identity.run_name(cfg))
     epoch_end = EpochEnd(checkpoint, client, run_id, epochs=done, key=key)
     trainer = None
