@@ -55,8 +55,8 @@ report: ## Rebuild the study's tables, claims and figures from MLflow into repor
 evaluate: ## Fill in the end-of-run evaluation that older runs lack (the judge's metrics); no training
 	$(PY) -m vae_sweeps.evaluate $(ARGS)
 
-results: evaluate ## Publish: back-fill, then rebuild the report into results/ (the folder that is committed)
-	$(PY) -m vae_sweeps.report --out results
+results: evaluate ## Publish: back-fill, then rebuild the report into results/ (committed) and its summary into README.md
+	$(PY) -m vae_sweeps.report --out results --readme README.md
 
 # The tests spend most of their time starting jobs in subprocesses, one core each: two tests run
 # at once (pytest-xdist), each sent to whichever worker is free. A module fixture may then be built

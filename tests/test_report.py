@@ -13,7 +13,9 @@ from matplotlib.image import imread
 from mlflow.entities import Metric, Param
 
 from vae_sweeps import figures
-from vae_sweeps.report import TITLE_BAND, build_report, provenance
+from vae_sweeps.report import README_BEGIN, README_END, TITLE_BAND, build_report, provenance
+from vae_sweeps.report import main as report_main
+from vae_sweeps.tables import PROJECT
 from vae_sweeps.train import train
 
 # (overrides, seed) of the real runs; mlp3/bce/z2 runs twice, so its cells have n = 2.
@@ -82,9 +84,13 @@ def test_the_priors_table_and_its_verdict(report):
     # Table 1 holds the standard prior only
     assert pd.read_csv(out / "table1.csv").set_index("model.name").loc["mlp3", "n"] == 2
     report_md = (out / "report.md").read_text()
-    assert ("mlp3, BCE, c = 1, latent dim 2, MNIST: the best mixture prior (gmm/tight) reaches log p(x) = "
-            f"{results[6]['test/log_px']:.2f}") in report_md
-    assert "with one seed each, too few to tell the difference from noise" in report_md
+    # under each priors table, the verdict of its claim (claims.yaml), the one rule for it
+    priors_z2 = report_md[report_md.index("## Priors at latent dim 2"):report_md.index("## Priors at latent dim 10")]
+    assert ("- **8. A Gaussian-mixture prior helps (the study's idea), at latent dim 2, on log p(x).** — "
+            "**inconclusive** (too few seeds for an interval (n = 1 and 2; 2 or more each)).") in priors_z2
+    assert "**8b." not in priors_z2 and "**1." not in priors_z2
+    table1 = report_md[report_md.index("## Table 1"):report_md.index("## Table 2")]
+    assert [line[4:7] for line in table1.splitlines() if line.startswith("- **")] == ["1. ", "2. ", "3. "]
     assert "python -m vae_sweeps -m prior=gmm prior.kl=bound model=mlp3 model.latent_dim=2" in report_md
     markdown = (out / "priors_z2.md").read_text()
     assert "| gmm/tight |" in markdown and "study Recon" not in markdown and "tight - MC" in markdown
@@ -160,11 +166,47 @@ def test_every_figure_is_a_png_of_the_expected_size(report):
 def test_report_command_reads_the_store_from_the_environment(report, tmp_path):
     _, _, _, out = report
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent}/mlruns/mlflow.db"}
-    done = subprocess.run([sys.executable, "-m", "vae_sweeps.report", "--out", str(tmp_path / "r")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nResults:\n\n{README_BEGIN}\nold numbers\n{README_END}\n\n## Next\n")
+    done = subprocess.run([sys.executable, "-m", "vae_sweeps.report", "--out", str(tmp_path / "r"),
+                           "--readme", str(readme)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"Wrote {tmp_path / 'r' / 'report.md'}: 9 tables" in done.stdout
     assert (tmp_path / "r" / "table1.csv").read_text() == (out / "table1.csv").read_text()
+    # the README's block now holds the summary, and the rest of it is as it was
+    summary = (tmp_path / "r" / "summary.md").read_text().strip()
+    assert readme.read_text() == f"# Title\n\nResults:\n\n{README_BEGIN}\n{summary}\n{README_END}\n\n## Next\n"
+
+
+def test_a_readme_without_a_results_block_is_refused_before_the_report_is_built(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    with pytest.raises(SystemExit, match="has no block to write the results into"):
+        report_main(["--out", str(tmp_path / "r"), "--tracking-uri", f"sqlite:///{tmp_path}/none.db",
+                     "--readme", str(readme)])
+    assert not (tmp_path / "r").exists() and not (tmp_path / "none.db").exists()
+    assert readme.read_text() == "# Title\n"
+
+
+def test_the_summary_gives_each_claims_verdict_and_each_tables_numbers(report):
+    built, results, _, out = report
+    summary = (out / "summary.md").read_text()
+    for spec, verdict in built["claims"]:
+        assert f"| {spec['id']}. {spec['claim']} | **{verdict.verdict}** | {verdict.why} |" in summary
+    pair = [results[0], results[1]]  # mlp3 / bce / latent 2, seeds 0 and 1: Table 2's bce row
+    total, log_px = (np.array([r[key] for r in pair]) for key in ("test/loss", "test/log_px"))
+    row = f"| bce | {np.mean([r['test/recon'] for r in pair]):.2f} ± "
+    line = next(line for line in summary[summary.index("**Table 2"):].splitlines() if line.startswith(row))
+    assert (f"| {total.mean():.2f} ± {total.std(ddof=1):.2f} | {log_px.mean():.2f} ± {log_px.std(ddof=1):.2f} "
+            f"| 2 † | 2 | 138.43 | {total.mean() - 138.43:.2f} |") in line  # † : 2 epochs, not the study's 30
+    assert summary.startswith("Provenance of the counted runs:")
+
+
+def test_the_readme_quotes_the_published_summary():
+    """README.md's results block is results/summary.md as `make results` wrote it (never edited by hand)."""
+    readme = (PROJECT / "README.md").read_text()
+    block = readme[readme.index(README_BEGIN) + len(README_BEGIN):readme.index(README_END)]
+    assert block.strip() == (PROJECT / "results" / "summary.md").read_text().strip()
 
 
 def test_the_report_checks_the_studys_claims(report):

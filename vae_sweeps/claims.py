@@ -200,11 +200,21 @@ def checked_claims(cell, experiments: dict[str, str]) -> list[tuple[dict, Verdic
     return result
 
 
+def tables_of(spec: dict) -> list[str]:
+    """The tables whose cells a claim (or its parts) compares, in the order it names them."""
+    cells = [part[side] for part in spec.get("parts", [spec]) for side in ("a", "b") if side in part]
+    return list(dict.fromkeys(table for table, _ in cells))
+
+
+def headline(spec: dict, v: Verdict) -> str:
+    """A claim and its verdict in one line (Markdown)."""
+    return f"**{spec['id']}. {spec['claim']}** — **{v.verdict}** ({v.why})."
+
+
 def markdown(checked: list[tuple[dict, Verdict]]) -> str:
     lines = []
     for spec, v in checked:
-        lines += [f"**{spec['id']}. {spec['claim']}** — **{v.verdict}** ({v.why}).", "",
-                  f"- Our numbers: {v.evidence}."]
+        lines += [headline(spec, v), "", f"- Our numbers: {v.evidence}."]
         if v.missing:
             lines.append("- To fill its runs: " + "; ".join(f"`python -m vae_sweeps experiment={e}`" for e in v.missing))
         lines.append("")

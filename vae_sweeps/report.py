@@ -5,7 +5,11 @@ Reads MLflow only; nothing is trained. The tables are queries over the runs' rec
 cells' runs' figures or plot their loss curves; ``report.md`` puts them together with the
 runs' provenance. The tables and figures are defined in ``experiments/tables.yaml``.
 
-    python -m vae_sweeps.report [--out reports] [--tracking-uri URI] [--experiment NAME]
+    python -m vae_sweeps.report [--out reports] [--tracking-uri URI] [--experiment NAME] [--readme README.md]
+
+``summary.md`` is the report in brief (provenance, the claims' verdicts, every table's test
+numbers); ``--readme`` writes it into that file between README_BEGIN and README_END, so that
+the README quotes the published results and cannot drift from them (``make results``).
 """
 
 from __future__ import annotations
@@ -27,11 +31,15 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from vae_sweeps import claims, figures, tracking
-from vae_sweeps.tables import (DASH, FLAG, PROJECT, RECORD, TABLES_FILE, build_table, cell_key, evaluation_markdown,
-                               finished_groups, load_runs, pick_group, row_label, row_settings, table_markdown, verdict)
+from vae_sweeps.tables import (DASH, FLAG, PROJECT, RECORD, TABLES_FILE, brief_markdown, build_table, cell_key,
+                               evaluation_markdown,
+                               finished_groups, load_runs, pick_group, row_label, row_settings, table_markdown)
 
 TITLE_BAND = 64  # pixels above the panels of a composed figure: its title, then panel labels
 TITLE_LINE = 20  # pixels of each further line of a composed figure's title
+# The README's block that --readme rewrites with summary.md (make results)
+README_BEGIN = "<!-- results:begin (written by `make results` from results/summary.md: edit the report, not this) -->"
+README_END = "<!-- results:end -->"
 
 
 # ---------------------------------------------------------------------------- figures
@@ -140,6 +148,7 @@ def build_report(client: MlflowClient, experiment: str, out: Path, source: str =
     counted.to_csv(out / "runs.csv", index=False)
     (out / "report.md").write_text(report_markdown(spec, tables, missing, made, absent, done, n_other,
                                                    experiment, source, checked))
+    (out / "summary.md").write_text(summary_markdown(spec, tables, done, checked))
     return {"tables": tables, "missing": missing, "figures": made, "claims": checked}
 
 
@@ -210,8 +219,10 @@ def report_markdown(spec, tables, missing, made, absent, done, n_other, experime
                   "of the posterior-mean reconstructions; sharpness relative to the originals; "
                   f"K = {', '.join(map(str, samples)) or DASH} importance samples per image):", "",
                   evaluation_markdown(table, label), ""]
-        if table_spec.get("verdict"):
-            lines += [verdict(table, label, table_spec["setting"], table_spec["verdict"]), ""]
+        tested = [claims.headline(spec, v) for spec, v in checked if name in claims.tables_of(spec)]
+        if tested:
+            lines += ["The claims tested on this table (their numbers are under \"The study's claims, checked\"):", "",
+                      *[f"- {line}" for line in tested], ""]
         if missing[name]:
             lines += ["Missing cells; to fill them:", "", *[f"    {command}" for command in missing[name]], ""]
     lines += ["## Figures", ""]
@@ -226,6 +237,36 @@ def report_markdown(spec, tables, missing, made, absent, done, n_other, experime
     return "\n".join(lines)
 
 
+def summary_markdown(spec: dict, tables: dict, done: pd.DataFrame, checked) -> str:
+    """The report in brief: its provenance, each claim's verdict, each table's test numbers."""
+    lines = [provenance(done) or "No finished runs yet.", "",
+             "Test set, nats per image, mean ± std over *n* seeds after *epochs* epochs; *study Total* is the "
+             "published figure. The claims' tests (95% intervals by Welch's t) and every table's evaluation are "
+             "in `report.md`.", "",
+             "| claim | verdict | why |", "|---|---|---|",
+             *[f"| {s['id']}. {s['claim']} | **{v.verdict}** | {v.why} |" for s, v in checked], ""]
+    for name, table_spec in spec["tables"].items():
+        lines += [f"**{table_spec['title']}** ({table_spec['setting']})", "",
+                  brief_markdown(tables[name], row_label(table_spec)), ""]
+    return "\n".join(lines)
+
+
+def readme_parts(readme: Path) -> tuple[str, str]:
+    """The text of ``readme`` before its results block (README_BEGIN) and from its end on."""
+    text = readme.read_text() if readme.is_file() else ""
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"error: {readme} has no block to write the results into: add the two lines\n"
+                         f"{README_BEGIN}\n{README_END}\nwhere they belong")
+    return text[:begin], text[end:]
+
+
+def write_into_readme(readme: Path, summary: str) -> None:
+    """Replace the results block of ``readme`` with ``summary``; the rest stays as it is."""
+    before, after = readme_parts(readme)
+    readme.write_text(f"{before}{README_BEGIN}\n{summary.strip()}\n{after}")
+
+
 def main(argv: list[str] | None = None) -> None:
     defaults = OmegaConf.load(PROJECT / "conf" / "config.yaml").tracking
     parser = argparse.ArgumentParser(prog="python -m vae_sweeps.report", description=__doc__.split("\n\n")[0])
@@ -233,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", default=defaults.uri,
                         help=f"MLflow store (default: $MLFLOW_TRACKING_URI, else {defaults.uri})")
     parser.add_argument("--experiment", default=defaults.experiment, help="MLflow experiment name")
+    parser.add_argument("--readme", type=Path, help="also write summary.md into this file's results block")
     args = parser.parse_args(argv)
+    if args.readme:
+        readme_parts(args.readme)  # no block to write into: say so before the report is built
     tracking.quiet_downloads()
     uri = tracking.resolve_uri(args.tracking_uri)
     tracking.repair_moved_store(uri)  # a moved SQLite store: find its figures beside it
@@ -241,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     gaps = sum(len(m) for m in result["missing"].values())
     print(f"Wrote {args.out / 'report.md'}: {len(result['tables'])} tables ({gaps} missing cells), "
           f"{len(result['figures'])} figures.")
+    if args.readme:
+        write_into_readme(args.readme, (args.out / "summary.md").read_text())
+        print(f"Wrote its summary into {args.readme}.")
 
 
 if __name__ == "__main__":

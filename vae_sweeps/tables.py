@@ -255,6 +255,16 @@ def table_markdown(table: pd.DataFrame, axis: str) -> str:
             "(besides the table's own), so they are not directly comparable:\n\n" + "\n".join(notes))
 
 
+def brief_markdown(table: pd.DataFrame, axis: str) -> str:
+    """The table in brief (the README's results): test Recon, KL, Total and log p(x) with n, and
+    the study's Total where it published one."""
+    study = ["study_total", "total_diff"] if table["study_total"].notna().any() else []
+    header = [axis, "Recon", "KL", "Total", "log p(x), IW", "n", "epochs", *(["study Total", "Δ Total"] if study else [])]
+    rows = [[_cell(row[axis]), *(_mean_std(row, name) for name in ("recon", "kl", "total", "log_px")), _n(row),
+             _cell(row["epochs"]), *(_cell(row[c]) for c in study)] for _, row in table.iterrows()]
+    return _markdown(header, rows)
+
+
 def evaluation_markdown(table: pd.DataFrame, axis: str) -> str:
     """The end-of-run evaluation: the columns that have a value in some row; in a table with
     no evaluated run yet, the columns its runs would fill (some priors' own on a priors axis)."""
@@ -265,28 +275,3 @@ def evaluation_markdown(table: pd.DataFrame, axis: str) -> str:
     rows = [[_cell(row[axis]), *(_mean_std(row, name, digits.get(name, 2)) for name, _ in shown), _n(row)]
             for _, row in table.iterrows()]
     return _markdown([axis, *(header for _, header in shown), "n"], rows)
-
-
-def verdict(table: pd.DataFrame, axis: str, setting: str, spec: dict) -> str:
-    """Whether the best ``spec["challenger"]`` row beats the ``spec["baseline"]`` row on the IW
-    log p(x), in words (tables.yaml's ``verdict``)."""
-    baseline, what, baseline_what = spec["baseline"], spec["what"], spec["baseline_what"]
-    by_label = table.set_index(axis)
-    challengers = by_label[by_label.index.str.startswith(spec["challenger"]) & by_label["test_log_px_mean"].notna()]
-    if baseline not in by_label.index or pd.isna(by_label.loc[baseline, "test_log_px_mean"]) or challengers.empty:
-        return f"{setting}: not enough finished runs to compare them yet."
-    base = by_label.loc[baseline]
-    best_label = challengers["test_log_px_mean"].idxmax()
-    best = challengers.loc[best_label]
-    gain = best["test_log_px_mean"] - base["test_log_px_mean"]
-    spread = np.nansum([base["test_log_px_std"], best["test_log_px_std"]])
-    if min(base["n"], best["n"]) < 2:
-        judged = "with one seed each, too few to tell the difference from noise"
-    elif abs(gain) <= spread:
-        judged = "within the spread over seeds: no clear difference"
-    else:
-        judged = "beyond the spread over seeds"
-    held = "held" if gain > 0 and "beyond" in judged else "did not clearly hold"
-    return (f"{setting}: the best {what} ({best_label}) reaches log p(x) = {best['test_log_px_mean']:.2f} "
-            f"against {base['test_log_px_mean']:.2f} for the {baseline_what}, a difference of {gain:+.2f} nats, "
-            f"{judged}. The study's hypothesis that a {what} helps {held} here.")
