@@ -32,8 +32,8 @@ from omegaconf import OmegaConf
 
 from vae_sweeps import claims, figures, tracking
 from vae_sweeps.tables import (DASH, FLAG, PROJECT, RECORD, TABLES_FILE, brief_markdown, build_table, cell_key,
-                               evaluation_markdown,
-                               finished_groups, load_runs, pick_group, row_label, row_settings, table_markdown)
+                               evaluation_markdown, finished_groups, load_runs, pick_group, row_label, row_settings,
+                               table_markdown)
 
 TITLE_BAND = 64  # pixels above the panels of a composed figure: its title, then panel labels
 TITLE_LINE = 20  # pixels of each further line of a composed figure's title
@@ -241,8 +241,8 @@ def summary_markdown(spec: dict, tables: dict, done: pd.DataFrame, checked) -> s
     """The report in brief: its provenance, each claim's verdict, each table's test numbers."""
     lines = [provenance(done) or "No finished runs yet.", "",
              "Test set, nats per image, mean ± std over *n* seeds after *epochs* epochs; *study Total* is the "
-             "published figure. The claims' tests (95% intervals by Welch's t) and every table's evaluation are "
-             "in `report.md`.", "",
+             "published figure. The claims' tests (95% intervals; Welch's t for a difference between rows) and "
+             "every table's evaluation are in `report.md`.", "",
              "| claim | verdict | why |", "|---|---|---|",
              *[f"| {s['id']}. {s['claim']} | **{v.verdict}** | {v.why} |" for s, v in checked], ""]
     for name, table_spec in spec["tables"].items():
