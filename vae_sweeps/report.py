@@ -180,10 +180,11 @@ def provenance(done: pd.DataFrame) -> str:
     return (f"Provenance of the counted runs: code at commit(s) {listed('commit')}; host(s) {listed('host')} with "
             f"{listed('cpu_count')} CPU core(s), {listed('torch_threads')} torch thread(s) per job, torch "
             f"{listed('torch_version')}; {hours:.1f} hours of training and evaluation in all (the sum of the runs' "
-            f"wall times), {span:.1f} hours from the first run's start to the last run's end. The commands that "
-            f"trained them (each run's `command` tag): {launched or 'not recorded'}. `make study` runs each part "
-            "in turn (`python -m vae_sweeps experiment=<part>`: the axes and seeds of conf/experiment/<part>.yaml); "
-            "this report comes from `make report` (`make results` for results/). "
+            f"wall times, start to end: a run resumed after a stop counts its pause too), {span:.1f} hours from "
+            f"the first run's start to the last run's end. The commands that trained them (each run's `command` "
+            f"tag): {launched or 'not recorded'}. `make study` runs each part in turn (`python -m vae_sweeps "
+            "experiment=<part>`: the axes and seeds of conf/experiment/<part>.yaml); this report comes from "
+            "`make report` (`make results` for results/). "
             "`runs.csv` lists every counted run with its params and test metrics.")
 
 
