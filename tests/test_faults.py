@@ -237,9 +237,19 @@ def test_ctrl_c_stops_a_sweep_with_status_130_and_starts_no_other_job(tmp_path, 
     assert run.data.tags["error"] == "interrupted (SIGINT)"
 
 
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """SIGINT's default handler in this process, as a terminal gives it, also where the suite runs
+    as a background job of a non-interactive shell (SIGINT ignored: signals_as_interrupt keeps it so)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def signal_inside_commits(monkeypatch, times: int = 1) -> None:
     """Every SQLite commit of the store first sends this process SIGINT ``times`` times: the
     handler runs inside the commit, as a Ctrl-C does that lands there by chance."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "use sigint_as_in_a_terminal"
     original = DefaultDialect.do_commit
 
     def interrupted_commit(self, connection):
@@ -251,7 +261,7 @@ def signal_inside_commits(monkeypatch, times: int = 1) -> None:
     monkeypatch.setattr(DefaultDialect, "do_commit", interrupted_commit)
 
 
-def test_a_signal_inside_a_store_commit_comes_after_it_and_leaves_the_store_unlocked(tmp_path, monkeypatch):
+def test_a_signal_inside_a_store_commit_comes_after_it_and_leaves_the_store_unlocked(tmp_path, monkeypatch, sigint_as_in_a_terminal):
     # Raised inside the commit, the interrupt left this process holding SQLite's write lock:
     # the clean-up's calls then waited for it in vain and the run stayed RUNNING.
     client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlflow.db", "vae_sweeps")
@@ -268,7 +278,7 @@ def test_a_signal_inside_a_store_commit_comes_after_it_and_leaves_the_store_unlo
     assert checker.get_run(run_id).info.status == "KILLED" and time.monotonic() - started < 5
 
 
-def test_a_second_signal_during_a_store_call_stops_at_once(tmp_path, monkeypatch):
+def test_a_second_signal_during_a_store_call_stops_at_once(tmp_path, monkeypatch, sigint_as_in_a_terminal):
     client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlflow.db", "vae_sweeps")
     run_id = client.create_run(experiment_id).info.run_id
     signal_inside_commits(monkeypatch, times=2)  # Ctrl-C twice: a store that does not answer
