@@ -261,7 +261,8 @@ def signal_inside_commits(monkeypatch, times: int = 1) -> None:
     monkeypatch.setattr(DefaultDialect, "do_commit", interrupted_commit)
 
 
-def test_a_signal_inside_a_store_commit_comes_after_it_and_leaves_the_store_unlocked(tmp_path, monkeypatch, sigint_as_in_a_terminal):
+@pytest.mark.usefixtures("sigint_as_in_a_terminal")
+def test_a_signal_inside_a_store_commit_comes_after_it_and_leaves_the_store_unlocked(tmp_path, monkeypatch):
     # Raised inside the commit, the interrupt left this process holding SQLite's write lock:
     # the clean-up's calls then waited for it in vain and the run stayed RUNNING.
     client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlflow.db", "vae_sweeps")
@@ -278,7 +279,8 @@ def test_a_signal_inside_a_store_commit_comes_after_it_and_leaves_the_store_unlo
     assert checker.get_run(run_id).info.status == "KILLED" and time.monotonic() - started < 5
 
 
-def test_a_second_signal_during_a_store_call_stops_at_once(tmp_path, monkeypatch, sigint_as_in_a_terminal):
+@pytest.mark.usefixtures("sigint_as_in_a_terminal")
+def test_a_second_signal_during_a_store_call_stops_at_once(tmp_path, monkeypatch):
     client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlflow.db", "vae_sweeps")
     run_id = client.create_run(experiment_id).info.run_id
     signal_inside_commits(monkeypatch, times=2)  # Ctrl-C twice: a store that does not answer

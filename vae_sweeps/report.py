@@ -181,7 +181,7 @@ def provenance(done: pd.DataFrame) -> str:
             f"{listed('cpu_count')} CPU core(s), {listed('torch_threads')} torch thread(s) per job, torch "
             f"{listed('torch_version')}; {hours:.1f} hours of training and evaluation in all (the sum of the runs' "
             f"wall times, start to end: a run resumed after a stop counts its pause too), {span:.1f} hours from "
-            f"the first run's start to the last run's end. The commands that trained them (each run's `command` "
+            "the first run's start to the last run's end. The commands that trained them (each run's `command` "
             f"tag): {launched or 'not recorded'}. `make study` runs each part in turn (`python -m vae_sweeps "
             "experiment=<part>`: the axes and seeds of conf/experiment/<part>.yaml); this report comes from "
             "`make report` (`make results` for results/). "
