@@ -18,15 +18,22 @@ PORT ?= 5000
 BENCH_ARGS ?= --cnn-variants --sweep
 # More `mlflow server` options, e.g. SERVER_ARGS="--workers 2".
 SERVER_ARGS ?=
-# The parts of the study (conf/experiment/), and what study-quick changes: 1 seed, 4 epochs,
-# 10 importance samples for log p(x) instead of 50.
-STUDY ?= table1 table2 table3 c_sweep fashion priors
+# The parts of the study (conf/experiment/) in the order they run: MNIST at 5 seeds, Fashion-MNIST
+# at 3, then seeds 5-9 of the arms that 10 seeds decide; and what study-quick changes: 1 seed,
+# 4 epochs, 10 importance samples for log p(x) instead of 50.
+STUDY ?= table1 table2 table3 c_sweep priors fashion seeds10
 QUICK ?= seed=0 trainer.max_epochs=4 eval.iw_samples=10
+# The study's own store (checkpoints and figures beside it, not committed), and its published
+# records under results/ (vae_sweeps/study_store.py): make study starts from those on a machine
+# without the working store, and make results publishes the working store's records there.
+STUDY_STORE ?= mlruns/study
+STUDY_URI = sqlite:///$(STUDY_STORE)/mlflow.db
+PUBLISHED ?= results/store/mlflow.db
 # Every part in turn; a part with failed jobs does not stop the others, but fails the target.
 run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep study study-quick report evaluate results test bench server ui clean
+.PHONY: help install train sweep study publish-store study-quick report evaluate results test bench server ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,8 +50,12 @@ train: ## Train the default job (mlp3, bce, latent 2, c=1, MNIST); ARGS="model=c
 sweep: ## Sweep the four architectures (Hydra multirun); ARGS adds overrides
 	$(PY) -m vae_sweeps -m model=mlp2,mlp3,mlp4,cnn $(ARGS)
 
-study: ## Run every part of the study: 3 seeds, 30 epochs (hours on a CPU)
-	@$(call run_study,$(ARGS))
+study: ## Run (or continue) every part of the study into its store, 30 epochs (many hours on a CPU)
+	$(PY) -m vae_sweeps.study_store restore $(PUBLISHED) $(STUDY_STORE)/mlflow.db
+	@$(call run_study,tracking.uri=$(STUDY_URI) $(ARGS))
+
+publish-store: ## Copy the study store's run records (no artifacts) to results/store/ (while it runs, too)
+	$(PY) -m vae_sweeps.study_store publish $(STUDY_STORE)/mlflow.db $(PUBLISHED)
 
 study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (<20 min on 2 CPU cores)
 	@$(call run_study,$(QUICK) $(ARGS))
@@ -55,8 +66,10 @@ report: ## Rebuild the study's tables, claims and figures from MLflow into repor
 evaluate: ## Fill in the end-of-run evaluation that older runs lack (the judge's metrics); no training
 	$(PY) -m vae_sweeps.evaluate $(ARGS)
 
-results: evaluate ## Publish: back-fill, then rebuild the report into results/ (committed) and its summary into README.md
-	$(PY) -m vae_sweeps.report --out results --readme README.md
+results: ## Publish the study: back-fill its store, rebuild results/ (committed) and the README's summary, publish its records
+	$(PY) -m vae_sweeps.evaluate --tracking-uri $(STUDY_URI)
+	$(PY) -m vae_sweeps.report --tracking-uri $(STUDY_URI) --out results --readme README.md
+	$(PY) -m vae_sweeps.study_store publish $(STUDY_STORE)/mlflow.db $(PUBLISHED)
 
 # The tests spend most of their time starting jobs in subprocesses, one core each: two tests run
 # at once (pytest-xdist), each sent to whichever worker is free. A module fixture may then be built

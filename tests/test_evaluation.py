@@ -22,7 +22,7 @@ def test_iw_bound_is_at_least_the_elbo_and_grows_with_k():
     estimates = {}
     for k in (1, 5, 50):
         torch.manual_seed(1)
-        estimates[k] = evaluation.elbo_and_log_px(vae, images, k)
+        estimates[k] = evaluation.elbo_and_log_px(vae, images, k)[""]
     elbo_1, iw_1 = estimates[1]
     assert iw_1 == pytest.approx(elbo_1, abs=1e-4)  # one sample: the same thing
     for k in (5, 50):
@@ -53,7 +53,7 @@ def test_iw_and_elbo_against_known_values():
     log_px = -vae.recon_loss(ConstantDecoder()(images), images).mean().item()
     kl = vae.prior.kl(torch.full((1, 2), 0.5), torch.full((1, 2), 0.5).log(), None).item()
     torch.manual_seed(0)
-    elbo, iw = evaluation.elbo_and_log_px(vae, images, k=4000)
+    elbo, iw = evaluation.elbo_and_log_px(vae, images, k=4000)[""]
     assert iw == pytest.approx(log_px, abs=0.02)  # importance weights average to p(x)
     assert elbo == pytest.approx(log_px - kl, abs=0.02)  # the ELBO falls short by KL(q || p)
 
@@ -94,7 +94,7 @@ def test_evaluate_reports_every_figure_and_the_mixture_gaps():
     metrics = evaluation.evaluate(small_vae(MixturePrior(2, 3, kl="mc")), splits(), iw_samples=8, knn_k=3)
     assert set(metrics) == {
         "test/recon_bce", "test/recon_l2", "test/recon_l1", "test/sharpness", "test/active_units",
-        "test/knn_accuracy", "test/elbo", "test/log_px", "test/kl_mc", "test/kl_bound", "test/kl_tight",
+        "test/knn_accuracy", "test/knn_accuracy_pca2", "test/elbo", "test/log_px", "test/kl_mc", "test/kl_bound", "test/kl_tight",
         "test/kl_bound_gap", "test/kl_tight_gap"}
     assert metrics["test/log_px"] > metrics["test/elbo"]
     assert metrics["test/kl_bound_gap"] >= metrics["test/kl_tight_gap"]
@@ -106,3 +106,42 @@ def test_the_autoencoder_has_no_likelihood_to_report():
     metrics = evaluation.evaluate(small_vae(NoPrior(2)), splits(), iw_samples=8, knn_k=3)
     assert "test/elbo" not in metrics and "test/log_px" not in metrics
     assert "test/knn_accuracy" in metrics and "test/recon_bce" in metrics
+
+
+def test_log_px_is_the_bernoulli_with_c_1_whatever_the_loss_and_c():
+    """The comparable column: for an L2 run with c = 4 the log-weights use -BCE (c = 1); the
+    training objective's bound, -4 * L2, is logged beside it under its own name."""
+    images = torch.rand(20, 1, 28, 28)
+    logits = ConstantDecoder()(images)
+    bce = VAE(FixedPosterior(), ConstantDecoder(), StandardPrior(2)).recon_loss(logits, images).mean().item()
+    l2 = (torch.sigmoid(logits) - images).square().flatten(1).sum(1).mean().item()
+    kl = StandardPrior(2).kl(torch.full((1, 2), 0.5), torch.full((1, 2), 0.5).log(), None).item()
+    vae = VAE(FixedPosterior(), ConstantDecoder(), StandardPrior(2), recon="l2", c=4.0)
+    torch.manual_seed(0)
+    bounds = evaluation.elbo_and_log_px(vae, images, k=4000)
+    assert set(bounds) == {"", "_objective"}
+    assert bounds[""][1] == pytest.approx(-bce, abs=0.02)  # the decoder ignores z: log p(x) = -BCE
+    assert bounds[""][0] == pytest.approx(-bce - kl, abs=0.02)
+    assert bounds["_objective"][1] == pytest.approx(-4 * l2, abs=0.02)
+    assert bounds["_objective"][0] == pytest.approx(-4 * l2 - kl, abs=0.02)
+    assert -4 * l2 > -bce + 100  # the two scales are far apart: only the first compares across runs
+
+
+def test_the_objective_bound_is_logged_only_where_it_differs():
+    plain = evaluation.evaluate(small_vae(), splits(), iw_samples=4, knn_k=3)
+    assert "test/log_px_objective" not in plain and "test/elbo_objective" not in plain
+    weighted = small_vae()
+    weighted.c = 2.0
+    metrics = evaluation.evaluate(weighted, splits(), iw_samples=4, knn_k=3)
+    assert {"test/log_px_objective", "test/elbo_objective"} <= set(metrics)
+
+
+def test_pca_projects_onto_the_direction_of_largest_variance():
+    train = torch.zeros(4, 1, 2, 2)
+    train[:, 0, 0, 0] = torch.tensor([-3.0, -1.0, 1.0, 3.0])  # all the variance in one pixel
+    train[:, 0, 1, 1] = torch.tensor([0.1, -0.1, -0.1, 0.1])  # uncorrelated with the first
+    test = torch.zeros(1, 1, 2, 2)
+    test[0, 0, 0, 0] = 2.0
+    train_pcs, test_pcs = evaluation.pca(train, test, dims=1)
+    assert train_pcs.abs().flatten().tolist() == pytest.approx([3.0, 1.0, 1.0, 3.0], abs=1e-5)
+    assert test_pcs.abs().item() == pytest.approx(2.0, abs=1e-5)

@@ -17,9 +17,9 @@ from vae_sweeps.errors import ConfigError
 
 # Each table: the settings it fixes, its rows and the experiment that fills it. The tables
 # define the study's parts; the tests below check conf/experiment/ against them.
-TABLES = yaml.safe_load((ROOT / "experiments" / "tables.yaml").read_text())["tables"]
+SPEC = yaml.safe_load((ROOT / "experiments" / "tables.yaml").read_text())
+TABLES, MORE = SPEC["tables"], SPEC["more_seeds"]
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
-SEEDS = [0, 1, 2]  # every cell of the study runs with these seeds
 
 
 def planned(*arguments: str, sweep: dict | None = None):
@@ -58,9 +58,19 @@ def cell(spec: dict, value) -> dict:
 
 
 def cells(experiment: str) -> list[dict]:
-    """The settings of every cell of the tables that ``experiment`` fills."""
-    return [cell(spec, value) for spec in TABLES.values() if spec["experiment"] == experiment
-            for value in spec["values"]]
+    """The settings of every cell of the tables that ``experiment`` fills (and of the cells it
+    gives more seeds)."""
+    more = [cell(TABLES[table], value) for table, value in MORE["cells"]] if experiment == MORE["experiment"] else []
+    return more + [cell(spec, value) for spec in TABLES.values() if spec["experiment"] == experiment
+                   for value in spec["values"]]
+
+
+def planned_seeds(table: str, value) -> list[int]:
+    """The seeds that the experiments plan for one table cell."""
+    _, _, _, runs = planned_experiment(TABLES[table]["experiment"])
+    if [table, value] in MORE["cells"]:
+        runs = runs + planned_experiment(MORE["experiment"])[3]
+    return sorted(int(params["seed"]) for params in runs if matches(params, cell(TABLES[table], value)))
 
 
 def matches(params: dict[str, str], settings: dict) -> bool:
@@ -83,12 +93,12 @@ def matches(params: dict[str, str], settings: dict) -> bool:
 
 @pytest.mark.parametrize("table", list(TABLES))
 def test_every_cell_of_the_table_is_planned_by_its_experiment(table):
-    """Each cell (the table's fixed settings and one row) gets exactly one job per seed."""
+    """Each cell (the table's fixed settings and one row) gets exactly one job per seed: the
+    table's seeds, and MORE's for its cells."""
     spec = TABLES[table]
-    _, _, _, runs = planned_experiment(spec["experiment"])
     for value in spec["values"]:
-        seeds = sorted(int(params["seed"]) for params in runs if matches(params, cell(spec, value)))
-        assert seeds == SEEDS, f"{table}, row {value}: experiment={spec['experiment']} plans seeds {seeds}"
+        expected = spec["seeds"] + (MORE["seeds"] if [table, value] in MORE["cells"] else [])
+        assert planned_seeds(table, value) == expected, f"{table}, row {value}"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

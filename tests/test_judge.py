@@ -59,6 +59,10 @@ def test_judged_metrics_count_what_the_decoder_draws_and_gets_right(digits):
     assert metrics["test/judged_accuracy_3"] == 1.0 and metrics["test/judged_accuracy_4"] == 0.0
     # prior samples: z ~ N(0, 1) split about evenly between the two classes: entropy near ln 2
     assert metrics["test/sample_class_entropy"] == pytest.approx(math.log(2), abs=0.01)
+    # of the 101 sweep points and 2000 samples, about half are confident 4s and half 7s
+    shares = [metrics[f"test/drawn_share_{k}"] for k in range(10)]
+    assert shares[4] + shares[7] == pytest.approx(1.0)
+    assert shares[4] == pytest.approx(0.5, abs=0.03) and sum(shares) - shares[4] - shares[7] == 0.0
     assert judge.judge_metrics(the_judge, stub, test, seed=0) == (metrics, drawn)  # its own random stream
 
 

@@ -59,14 +59,18 @@ def test_metrics_per_epoch_and_on_the_test_set(finished):
 def test_the_evaluation_is_logged_with_the_test_metrics(finished):
     _, result, client, run = finished
     metrics = run.data.metrics
-    evaluation = ["test/elbo", "test/log_px", "test/recon_bce", "test/recon_l2", "test/recon_l1",
-                  "test/sharpness", "test/active_units", "test/knn_accuracy"]
+    evaluation = ["test/elbo", "test/log_px", "test/elbo_objective", "test/log_px_objective", "test/recon_bce",
+                  "test/recon_l2", "test/recon_l1", "test/sharpness", "test/active_units", "test/knn_accuracy",
+                  "test/knn_accuracy_pca2"]
     for key in evaluation:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2], key
         assert metrics[key] == pytest.approx(result[key])
-    # the ELBO (-c * Recon - KL, 50 samples an image) estimates what test/loss (one sample) does
-    assert metrics["test/elbo"] == pytest.approx(-metrics["test/loss"], rel=0.02)
+    # c = 2: the ELBO of the comparable column (Bernoulli, c = 1; 50 samples an image) estimates
+    # -(Recon + KL), and the training objective's (-2 * Recon - KL) what test/loss (one sample) does
+    assert metrics["test/elbo"] == pytest.approx(-(metrics["test/recon"] + metrics["test/kl"]), rel=0.02)
+    assert metrics["test/elbo_objective"] == pytest.approx(-metrics["test/loss"], rel=0.02)
     assert metrics["test/log_px"] >= metrics["test/elbo"]
+    assert metrics["test/log_px_objective"] >= metrics["test/elbo_objective"]
     assert 0 <= metrics["test/active_units"] <= 2 and 0 <= metrics["test/knn_accuracy"] <= 1
     assert run.data.params["eval.iw_samples"] == "50" and run.data.params["prior.name"] == "standard"
 

@@ -2,16 +2,23 @@
 
 - ``test/elbo`` and ``test/log_px``: the ELBO and the importance-weighted estimate of
   log p(x) with K samples per image (``eval.iw_samples``), both by Monte Carlo, with the same
-  samples, whatever KL estimator the run trained with (so priors compare fairly). The
-  likelihood is the run's own term, log p(x|z) = -c * Recon: the Bernoulli log-likelihood
-  in nats for BCE with c = 1, and up to a constant otherwise. A plain autoencoder has
-  neither.
+  samples, whatever KL estimator the run trained with (so priors compare fairly), and under the
+  **Bernoulli likelihood with c = 1** (the decoder's outputs as Bernoulli means), whatever
+  reconstruction loss and c the run trained with: one scale for every run, so these compare
+  across rows. (On grey-level pixels the Bernoulli is not a normalised density: the numbers are
+  not comparable with results on binarised MNIST.) A plain autoencoder has neither.
+- ``test/elbo_objective`` and ``test/log_px_objective``: the same bounds with the run's own
+  likelihood term, log p(x|z) = -c * Recon: the IW bound of the training objective. Logged only
+  where it differs from the first (another loss than BCE, or c != 1); for L1 and L2 it lacks
+  the likelihood's constants, and for c != 1 it is no likelihood at all, so it compares runs of
+  one loss and one c only.
 - ``test/recon_bce``, ``test/recon_l2``, ``test/recon_l1``: the three reconstruction losses of
   the posterior-mean reconstructions, whatever loss the run trained with.
 - ``test/active_units``: latent dimensions whose posterior mean varies across test images
   with variance above ``threshold`` (0.01).
 - ``test/knn_accuracy``: k-NN classification (``eval.knn_k``) of test latent means among
-  the training latent means.
+  the training latent means; ``test/knn_accuracy_pca2``, the same k-NN on the first two
+  principal components of the pixels: the linear baseline that "classes cluster" must beat.
 - ``test/sharpness``: the mean image-gradient magnitude of the reconstructions relative to
   the originals' (1 = as sharp as the data).
 - ``test/<name>`` for each test metric of the prior's own (``Prior.metrics``, priors.py).
@@ -29,26 +36,58 @@ from vae_sweeps.priors import gaussian_log_prob
 
 
 @torch.no_grad()
-def log_weights(vae, x: torch.Tensor, k: int) -> torch.Tensor:
-    """(k, B): log p(x|z) + log p(z) - log q(z|x) for k draws z ~ q(z|x) per image."""
+def log_weights(vae, x: torch.Tensor, k: int, likelihoods: dict) -> dict[str, torch.Tensor]:
+    """For each ``likelihoods`` name -> log p(x|z) given (logits, x): the (k, B) log-weights
+    log p(x|z) + log p(z) - log q(z|x) for the same k draws z ~ q(z|x) per image."""
     mu, logvar = vae.encode(x)
     z = mu + torch.randn(k, *mu.shape, device=mu.device) * (0.5 * logvar).exp()
     logits = vae.decode(z.flatten(0, 1))
-    log_px_z = -vae.c * vae.recon_loss(logits, x.repeat(k, 1, 1, 1)).view(k, len(x))
-    return log_px_z + vae.prior.log_prob(z) - gaussian_log_prob(z, mu, logvar)
+    repeated = x.repeat(k, 1, 1, 1)
+    log_pz_qz = vae.prior.log_prob(z) - gaussian_log_prob(z, mu, logvar)
+    return {name: likelihood(logits, repeated).view(k, len(x)) + log_pz_qz for name, likelihood in likelihoods.items()}
+
+
+def bernoulli(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) of the Bernoulli with means sigmoid(logits), c = 1: -BCE, per image."""
+    return -RECON_LOSSES["bce"](logits, x)
+
+
+def objective(vae):
+    """The run's own likelihood term, -c * Recon, per image."""
+    return lambda logits, x: -vae.c * vae.recon_loss(logits, x)
+
+
+def likelihoods(vae) -> dict:
+    """The likelihoods to evaluate a VAE under: the Bernoulli with c = 1 (``""``), and the run's
+    own objective (``"_objective"``) where that is another."""
+    same = vae.recon_loss is RECON_LOSSES["bce"] and float(vae.c) == 1.0
+    return {"": bernoulli} if same else {"": bernoulli, "_objective": objective(vae)}
 
 
 @torch.no_grad()
-def elbo_and_log_px(vae, images: torch.Tensor, k: int, batch: int = 200) -> tuple[float, float]:
-    """Per-image means of the ELBO (the mean of the k log-weights) and of the importance-
-    weighted bound log (1/k) sum_i w_i, which is at least the ELBO and grows towards
-    log p(x) with k. The per-image values stay on the device until the one read-back."""
-    elbo, log_px = [], []
+def elbo_and_log_px(vae, images: torch.Tensor, k: int, batch: int = 200, under: dict | None = None
+                    ) -> dict[str, tuple[float, float]]:
+    """For each likelihood of ``under`` (default: ``likelihoods(vae)``), the per-image means of
+    the ELBO (the mean of the k log-weights) and of the importance-weighted bound
+    log (1/k) sum_i w_i, which is at least the ELBO and grows towards log p(x) with k. The
+    per-image values stay on the device until the one read-back."""
+    under = likelihoods(vae) if under is None else under
+    elbo, log_px = {name: [] for name in under}, {name: [] for name in under}
     for x in images.split(batch):
-        w = log_weights(vae, x, k)
-        elbo.append(w.mean(0))
-        log_px.append(torch.logsumexp(w, 0) - math.log(k))
-    return torch.cat(elbo).double().mean().item(), torch.cat(log_px).double().mean().item()
+        for name, w in log_weights(vae, x, k, under).items():
+            elbo[name].append(w.mean(0))
+            log_px[name].append(torch.logsumexp(w, 0) - math.log(k))
+    return {name: (torch.cat(elbo[name]).double().mean().item(), torch.cat(log_px[name]).double().mean().item())
+            for name in under}
+
+
+def pca(train: torch.Tensor, test: torch.Tensor, dims: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``train`` and ``test`` (flattened) projected onto the first ``dims`` principal components
+    of ``train``."""
+    train, test = train.flatten(1).double(), test.flatten(1).double()
+    mean = train.mean(0)
+    components = torch.linalg.svd(train - mean, full_matrices=False).Vh[:dims].T
+    return ((train - mean) @ components).float(), ((test - mean) @ components).float()
 
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> int:
@@ -89,8 +128,11 @@ def evaluate(vae, splits: dict, iw_samples: int, knn_k: int, batch: int = 1000) 
     metrics["test/sharpness"] = (mean_gradient(torch.sigmoid(logits)) / mean_gradient(test_x)).item()
     metrics["test/active_units"] = float(active_units(test_means))
     metrics["test/knn_accuracy"] = knn_accuracy(vae.encode_means(train_x, batch), train_y, test_means, test_y, knn_k)
+    train_pcs, test_pcs = pca(train_x, test_x)
+    metrics["test/knn_accuracy_pca2"] = knn_accuracy(train_pcs, train_y, test_pcs, test_y, knn_k)
     if not vae.prior.deterministic:
-        metrics["test/elbo"], metrics["test/log_px"] = elbo_and_log_px(vae, test_x, iw_samples)
+        for suffix, (elbo, log_px) in elbo_and_log_px(vae, test_x, iw_samples).items():
+            metrics[f"test/elbo{suffix}"], metrics[f"test/log_px{suffix}"] = elbo, log_px
     metrics.update({f"test/{name}": value for name, value in vae.prior.metrics(vae, test_x, batch).items()})
     vae.train(was_training)
     return metrics

@@ -133,12 +133,20 @@ def grid_2d(decode, caption: str, steps: int = 21) -> Figure:
     return fig
 
 
-def quantile_grid(decode, caption: str, steps: int = 15) -> Figure:
-    """Latent dim 2: the 15 x 15 manifold at Gaussian quantiles norm.ppf(linspace(0.05, 0.95, 15))."""
-    values = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, steps))
+def quantile_grid(decode, caption: str, prior_quantiles=None, steps: int = 15) -> Figure:
+    """Latent dim 2: the 15 x 15 manifold at the prior's quantiles 0.05 ... 0.95 along each axis
+    (``prior_quantiles(probs)``; for N(0, I), norm.ppf(linspace(0.05, 0.95, 15))). A prior without
+    quantiles of its own (a mixture, no prior) gets the grid at N(0, I)'s, and the title says so."""
+    probs = torch.linspace(0.05, 0.95, steps)
+    values = prior_quantiles(probs) if prior_quantiles is not None else None
+    if values is None:
+        values = torch.distributions.Normal(0.0, 1.0).icdf(probs)
+        title = "Decoder output on a grid in z at N(0, I) quantiles 0.05 ... 0.95 (not this prior's own quantiles)"
+    else:
+        title = "Decoder output at the prior's quantiles 0.05 ... 0.95 (latent dim 2)"
     fig = new_figure("quantile_grid")
     ax = fig.add_axes((0.08, 0.1, 0.88, 0.84))
-    _show(ax, _grid(decode, values), "Decoder output at Gaussian quantiles 0.05 ... 0.95 (latent dim 2)")
+    _show(ax, _grid(decode, values), title)
     ticks = np.arange(steps) * 28 + 13.5
     labels = [f"{v:.1f}" for v in values.tolist()]
     ax.set_xticks(ticks[::2], labels[::2])
@@ -245,5 +253,5 @@ def run_figures(vae, test_images: torch.Tensor, test_labels: torch.Tensor, class
         figs["traversal_1d"] = traversal_1d(decode, caption)
     if vae.latent_dim == 2:
         figs["grid_2d"] = grid_2d(decode, caption)
-        figs["quantile_grid"] = quantile_grid(decode, caption)
+        figs["quantile_grid"] = quantile_grid(decode, caption, vae.prior.quantiles)
     return figs

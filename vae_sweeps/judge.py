@@ -5,7 +5,7 @@ The judge of a dataset is trained once on its whole training file (seeded, so th
 gives the same judge) and stored as its own MLflow run in the experiment ``<experiment>-judges``
 (weights as ``judge/state_dict.pt``, loaded with ``weights_only=True``). Every later run and
 every back-fill (``python -m vae_sweeps.evaluate``) reuses it; it is trained again only if it is
-missing. ``JUDGE_VERSION`` names the architecture and training recipe: a new version trains a
+missing, or its weights are (a store restored from its published records). ``JUDGE_VERSION`` names the architecture and training recipe: a new version trains a
 new judge.
 
 With it, each run logs (``judge_metrics``):
@@ -16,6 +16,8 @@ With it, each run logs (``judge_metrics``):
   the decoder draws: the traversal of z over [-5, 5] (latent dim 1) or the grid over
   [-5, 5]^2 (dim 2), and prior samples (every dim); the classes themselves in the tag
   ``classes_drawn``;
+- ``test/drawn_share_<k>``: of those same decoded points, the share that the judge assigns to
+  class k with confidence >= 0.9: how often the decoder draws a k, not only whether it ever does;
 - ``test/sample_class_entropy``: the entropy (nats; ln 10 = 2.30 is every class equally often)
   of the judge's classes over prior samples: a mode-coverage number.
 """
@@ -103,12 +105,17 @@ def load_or_train(client, experiment_id: str, dataset: str, splits: dict, epochs
                                              f"'{JUDGE_VERSION}' and params.epochs = '{epochs}' and "
                                              "attributes.status = 'FINISHED'")
     if found:
-        local = client.download_artifacts(found[0].info.run_id, ARTIFACT)
-        state = torch.load(local, map_location="cpu", weights_only=True)
-        judge = Judge(len(next(reversed(state.values()))),  # the last layer's bias: one per class
-                      tuple(splits["test"][0].shape[1:]))
-        judge.load_state_dict(state)
-        return judge.eval()
+        try:
+            local = client.download_artifacts(found[0].info.run_id, ARTIFACT)
+        except Exception as err:  # a store restored from its published records has no artifacts
+            log.warning("The %s judge's weights (run %s) are gone (%s); training it again", dataset,
+                        found[0].info.run_id, err)
+        else:
+            state = torch.load(local, map_location="cpu", weights_only=True)
+            judge = Judge(len(next(reversed(state.values()))),  # the last layer's bias: one per class
+                          tuple(splits["test"][0].shape[1:]))
+            judge.load_state_dict(state)
+            return judge.eval()
 
     images = torch.cat([splits["train"][0], splits["val"][0]]).cpu()
     labels = torch.cat([splits["train"][1], splits["val"][1]]).cpu()
@@ -165,6 +172,9 @@ def judge_metrics(judge: Judge, vae, test: tuple[torch.Tensor, torch.Tensor], se
     drawn_probs = torch.cat([judge.probabilities(decoder_sweep(vae, tuple(images.shape[1:])).to(device)), sample_probs])
     confident = drawn_probs.max(1).values >= CONFIDENCE
     drawn = sorted(set(drawn_probs.argmax(1)[confident].tolist()))
+    confident_counts = torch.bincount(drawn_probs.argmax(1)[confident], minlength=classes).double()
+    for k in range(classes):
+        metrics[f"test/drawn_share_{k}"] = (confident_counts[k] / len(drawn_probs)).item()
     counts = torch.bincount(sample_probs.argmax(1), minlength=classes).double()
     shares = counts[counts > 0] / counts.sum()
     metrics["test/classes_drawn"] = float(len(drawn))

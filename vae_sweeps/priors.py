@@ -70,6 +70,11 @@ class Prior(nn.Module):
         """Points of the latent space that the latent-space figure marks (None: none)."""
         return None
 
+    def quantiles(self, probs: torch.Tensor) -> torch.Tensor | None:
+        """The prior's quantiles at ``probs`` along each latent axis, where its axes are
+        independent and alike (None otherwise): the manifold figure's grid."""
+        return None
+
     def metrics(self, vae, images: torch.Tensor, batch: int) -> dict[str, float]:
         """Test metrics of this prior's own, by name without the ``test/`` prefix."""
         return {}
@@ -88,11 +93,17 @@ class StandardPrior(Prior):
     def sample(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         return torch.randn(n, self.latent_dim, device=device)
 
+    def quantiles(self, probs: torch.Tensor) -> torch.Tensor | None:
+        return torch.distributions.Normal(0.0, 1.0).icdf(probs)
+
 
 class NoPrior(StandardPrior):
     """A plain autoencoder: a deterministic encoder (z = mu), no KL term; samples are N(0, I) draws."""
 
     deterministic = True
+
+    def quantiles(self, probs: torch.Tensor) -> torch.Tensor | None:
+        return None  # no prior, so no quantiles of its own
 
     def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.zeros(mu.shape[0], device=mu.device)

@@ -194,7 +194,14 @@ def resume_or_start(client, experiment_id: str, cfg: DictConfig, key: str, check
         return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
     run_id = killed.info.run_id
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(client.download_artifacts(run_id, "checkpoints/last.ckpt", str(checkpoint.parent)), checkpoint)
+    try:
+        os.replace(client.download_artifacts(run_id, "checkpoints/last.ckpt", str(checkpoint.parent)), checkpoint)
+    except Exception as err:  # a store restored from its published records (study_store) has no artifacts
+        log.warning("Run %s stopped after epoch %s, but its checkpoint is gone (%s): training anew; the KILLED "
+                    "run stays", run_id, killed.data.tags["resume_from_epoch"], err)
+        client.delete_tag(run_id, "resume_from_epoch")
+        client.set_tag(run_id, "error", f"its checkpoint was gone when the next launch came: {err}"[:5000])
+        return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
     record = saved_record(checkpoint)
     saved_key = record.get("run_key")
     if saved_key != key:

@@ -1,0 +1,52 @@
+"""The published study store: a consistent copy of the study's run records, and a working store
+restored from it that continues the study (FINISHED skipped, a lost checkpoint trained anew)."""
+
+from conftest import store
+from mlflow import MlflowClient
+
+from vae_sweeps import study_store
+from vae_sweeps.train import train
+
+
+def test_publish_copies_the_records_and_kills_the_live_runs_in_the_copy(tmp_path, make_cfg):
+    finished = train(make_cfg("seed=0"))["run_id"]
+    client = store(tmp_path)
+    experiment_id = client.get_run(finished).info.experiment_id
+    running = client.create_run(experiment_id).info.run_id  # a job still training when it is published
+    published = tmp_path / "results" / "store" / "mlflow.db"
+    assert study_store.publish(tmp_path / "mlruns" / "mlflow.db", published) == 3  # with the judge's run
+    copy = MlflowClient(tracking_uri=f"sqlite:///{published}")
+    assert copy.get_run(finished).info.status == "FINISHED"
+    assert copy.get_run(finished).data.metrics == client.get_run(finished).data.metrics
+    assert copy.get_run(running).info.status == "KILLED"  # no process trains the copy's runs
+    assert client.get_run(running).info.status == "RUNNING"  # the working store is left as it was
+    assert not list(published.parent.glob("*.partial"))
+
+
+def test_a_restored_store_continues_the_study(tmp_path, make_cfg):
+    """Published records alone (no artifacts): the FINISHED configuration is skipped, the one
+    that was KILLED with a checkpoint now gone trains anew (the KILLED run stays), and the
+    judge, whose weights are gone too, is trained again."""
+    done = train(make_cfg("seed=0"))
+    client = store(tmp_path)
+    experiment_id = client.get_run(done["run_id"]).info.experiment_id
+    killed = train(make_cfg("seed=1"))["run_id"]
+    client.set_terminated(killed, "KILLED")  # as after Ctrl-C: resumable from its checkpoint
+    client.set_tag(killed, "resume_from_epoch", "1")
+    published = tmp_path / "results" / "mlflow.db"
+    study_store.publish(tmp_path / "mlruns" / "mlflow.db", published)
+    working = tmp_path / "elsewhere" / "mlflow.db"  # a new machine: only the published records are there
+    assert study_store.restore(published, working)
+    assert not study_store.restore(published, working)  # a working store is kept as it is
+    restored = MlflowClient(tracking_uri=f"sqlite:///{working}")
+    assert restored.get_experiment(experiment_id).artifact_location == (working.parent / "artifacts").as_uri()
+
+    uri = f"tracking.uri=sqlite:///{working}"
+    assert "skipped" in train(make_cfg("seed=0", uri))
+    again = train(make_cfg("seed=1", uri))
+    assert again["run_id"] != killed and "skipped" not in again
+    assert restored.get_run(again["run_id"]).info.status == "FINISHED"
+    old = restored.get_run(killed)
+    assert old.info.status == "KILLED" and "resume_from_epoch" not in old.data.tags
+    assert "checkpoint was gone" in old.data.tags["error"]
+    assert [m.step for m in restored.get_metric_history(again["run_id"], "train/loss")] == [1, 2]
