@@ -25,7 +25,8 @@ STUDY ?= table1 table2 table3 c_sweep priors fashion seeds10
 QUICK ?= seed=0 trainer.max_epochs=4 eval.iw_samples=10
 # The study's own store (checkpoints and figures beside it, not committed), and its published
 # records under results/ (vae_sweeps/study_store.py): make study starts from those on a machine
-# without the working store, and make results publishes the working store's records there.
+# without the working store, and make results publishes the working store's records there
+# (refusing a store with fewer counted runs than results/ unless DROP=id,id,... or DROP=all).
 STUDY_STORE ?= mlruns/study
 STUDY_URI = sqlite:///$(STUDY_STORE)/mlflow.db
 PUBLISHED ?= results/store/mlflow.db
@@ -33,7 +34,7 @@ PUBLISHED ?= results/store/mlflow.db
 run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep study publish-store study-quick report evaluate results test bench server ui clean
+.PHONY: help install train sweep study publish-store study-quick report evaluate results check-results test bench server ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -66,10 +67,13 @@ report: ## Rebuild the study's tables, claims and figures from MLflow into repor
 evaluate: ## Fill in the end-of-run evaluation that older runs lack (the judge's metrics); no training
 	$(PY) -m vae_sweeps.evaluate $(ARGS)
 
-results: ## Publish the study: back-fill its store, rebuild results/ (committed) and the README's summary, publish its records
+results: ## Publish the study: back-fill its store, rebuild results/ and the README's summary, publish its records
 	$(PY) -m vae_sweeps.evaluate --tracking-uri $(STUDY_URI)
-	$(PY) -m vae_sweeps.report --tracking-uri $(STUDY_URI) --out results --readme README.md
+	$(PY) -m vae_sweeps.report --tracking-uri $(STUDY_URI) --out results --readme README.md $(if $(DROP),--drop $(DROP))
 	$(PY) -m vae_sweeps.study_store publish $(STUDY_STORE)/mlflow.db $(PUBLISHED)
+
+check-results: ## Rebuild results/'s tables, claims and CSVs from the published store and compare, byte for byte
+	$(PY) -m vae_sweeps.report --tracking-uri sqlite:///$(PUBLISHED) --check results
 
 # The tests spend most of their time starting jobs in subprocesses, one core each: two tests run
 # at once (pytest-xdist), each sent to whichever worker is free. A module fixture may then be built

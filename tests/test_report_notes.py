@@ -17,13 +17,13 @@ METRICS = {"test/recon": 130.0, "test/kl": 7.0, "test/loss": 137.0, "test/elbo":
            "val/loss": 139.0}
 
 
-def logged_run(client, experiment_id, *overrides: str, seed: int = 0) -> str:
+def logged_run(client, experiment_id, *overrides: str, seed: int = 0, metrics: dict = METRICS) -> str:
     """A FINISHED run with the params of ``python -m vae_sweeps <overrides>`` (nothing trained)."""
     with initialize_config_dir(config_dir=str(identity.CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, f"seed={seed}", "paths.output_dir=."])
     run_id = client.create_run(experiment_id).info.run_id
     client.log_batch(run_id, params=[Param(k, v) for k, v in identity.params(cfg).items()],
-                     metrics=[Metric(k, v, 0, 30) for k, v in METRICS.items()])
+                     metrics=[Metric(k, v, 0, 30) for k, v in metrics.items()])
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -35,6 +35,9 @@ def notes(tmp_path_factory):
     logged_run(client, experiment_id)  # the defaults: table2's bce cell
     logged_run(client, experiment_id, "model=cnn")  # a model with widths of its own: still its defaults
     logged_run(client, experiment_id, "loss=l1", "trainer.max_epochs=4", "+trainer.limit_train_batches=0.25")
+    for seed, recon in ((0, 120.0), (1, 124.0)):  # c = 2: Total = 2 * Recon + KL
+        logged_run(client, experiment_id, "loss.c=2", seed=seed,
+                   metrics={**METRICS, "test/recon": recon, "test/loss": 2 * recon + 7.0})
     build_report(client, "vae_sweeps", tmp_path / "reports")
     return tmp_path / "reports"
 
@@ -52,9 +55,20 @@ def test_a_cell_off_the_defaults_is_flagged_and_explained(notes):
     assert "A † after *n* marks runs with settings other than the defaults" in (notes / "report.md").read_text()
 
 
+def test_a_table_with_c_other_than_1_names_its_total_and_shows_recon_plus_kl(notes):
+    c_sweep = (notes / "c_sweep.md").read_text()
+    assert "| loss.c | Recon | KL | Total (= c * Recon + KL) | Recon + KL | n |" in c_sweep
+    # seeds 0 and 1: Recon 120 and 124, KL 7: Total 247 and 255; Recon + KL 127 and 131
+    assert "| 2.0 | 122.00 ± 2.83 | 7.00 ± 0.00 | 251.00 ± 5.66 | 129.00 ± 2.83 | 2 |" in c_sweep
+    assert "| 1.0 | 130.00 | 7.00 | 137.00 | 137.00 | 1 |" in c_sweep
+    assert "Recon + KL" not in (notes / "table2.md").read_text()  # c = 1 in every row: Total is Recon + KL
+    summary = (notes / "summary.md").read_text()
+    assert "| loss.c | Recon | KL | Total (= c * Recon + KL) | Recon + KL | log p(x), IW (Bernoulli, c = 1) |" in summary
+
+
 def test_an_evaluation_table_with_no_run_keeps_its_columns(notes):
-    every = [header for _, header in EVALUATION]
-    general = [header for name, header in EVALUATION if name not in PRIOR_OWN]
+    every = [header for name, header in EVALUATION if not name.endswith("_objective")]
+    general = [header for name, header in EVALUATION if name not in PRIOR_OWN and not name.endswith("_objective")]
     assert f"| model.name | {' | '.join(general)} | n |" in (notes / "fashion_table1.md").read_text()
     # a priors table shows a mixture prior's KL columns too
     assert f"| prior.name/prior.kl | {' | '.join(every)} | n |" in (notes / "priors_z10.md").read_text()

@@ -198,17 +198,20 @@ def latent_scatter(means: np.ndarray, labels: np.ndarray, classes: tuple[str, ..
     return fig
 
 
-def loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], caption: str,
+def loss_curves(curves: dict[str, dict[str, list[tuple]]], caption: str,
                 title: str = "Loss per epoch") -> Figure:
-    """``curves[label][stage]`` = [(epoch, value)]; train solid, val dashed, one colour per label."""
+    """``curves[label][stage]`` = [(epoch, value)], or [(epoch, mean, low, high)] to shade a band
+    from low to high around the mean; train solid, val dashed, one colour per label."""
     fig = new_figure("loss_curves")
     ax = fig.add_axes((0.1, 0.12, 0.62, 0.8))
     for i, (label, stages) in enumerate(curves.items()):
         for stage, style in (("train", "-"), ("val", "--")):
             points = stages.get(stage) or []
             if points:
-                epochs, values = zip(*points)
+                epochs, values, *band = zip(*points)
                 ax.plot(epochs, values, style, color=f"C{i % 10}", label=f"{label} {stage}")
+                if band:
+                    ax.fill_between(epochs, *band, color=f"C{i % 10}", alpha=0.15, linewidth=0)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss per image (c * recon + KL)")

@@ -28,18 +28,28 @@ TAGGED = ("sweep_id", "classes_drawn", "host", "torch_version", "cpu_count", "to
 RECORD = ("run_id", "status", "start_time", "end_time", "sweep_id", "group", "classes_drawn", "commit", "host",
           "torch_version", "cpu_count", "torch_threads", "command")
 STATS = (("recon", "recon"), ("kl", "kl"), ("total", "loss"))  # (column name, metric name)
-# The end-of-run evaluation (evaluation.py): (metric test/<name>, column header)
-EVALUATION = (("elbo", "ELBO"), ("log_px", "log p(x), IW"), ("recon_bce", "BCE"), ("recon_l2", "L2"),
+# The end-of-run evaluation (evaluation.py): (metric test/<name>, column header). ELBO and log p(x)
+# are under the Bernoulli likelihood with c = 1 in every run; the *_objective columns are the same
+# bounds of the run's own training objective (-c * Recon), logged only where that is another.
+EVALUATION = (("elbo", "ELBO (Bernoulli, c = 1)"), ("log_px", "log p(x), IW (Bernoulli, c = 1)"),
+              ("elbo_objective", "ELBO of the training objective"),
+              ("log_px_objective", "IW bound of the training objective"),
+              ("recon_bce", "BCE"), ("recon_l2", "L2"),
               ("recon_l1", "L1"), ("sharpness", "sharpness"), ("active_units", "active units"),
-              ("knn_accuracy", "k-NN acc."), ("kl_mc", "KL (MC)"), ("kl_tight_gap", "tight - MC"),
+              ("knn_accuracy", "k-NN acc."), ("knn_accuracy_pca2", "k-NN acc., pixels' PCA-2"),
+              ("kl_mc", "KL (MC)"), ("kl_tight_gap", "tight - MC"),
               ("kl_bound_gap", "bound - MC"), ("judged_accuracy", "judged acc."),
               ("classes_drawn", "classes drawn"), ("sample_class_entropy", "sample class entropy"))
+# Recon + KL of each run: its Total where c = 1, and the c = 1 negative ELBO (one scale) where c != 1
+PLAIN_TOTAL = ("recon_plus_kl", "Recon + KL")
 COLUMNS = ["n", "epochs", "seeds",
            *[f"test_{name}_{s}" for name, _ in STATS for s in ("mean", "std")],
+           *[f"test_{PLAIN_TOTAL[0]}_{s}" for s in ("mean", "std")],
            *[f"train_{name}" for name, _ in STATS],
            "study_recon", "study_kl", "study_total", "total_diff",
            *[f"test_{name}_{s}" for name, _ in EVALUATION for s in ("mean", "std")],
            "iw_samples", "knn_k", "run_ids", "non_default"]
+FLUCTUATION = "metrics.val/loss_fluctuation"  # a run's curve's fluctuation (``fluctuation``), from its history
 PRIOR_OWN = ("kl_mc", "kl_tight_gap", "kl_bound_gap")  # columns of some priors' own metrics (Prior.metrics)
 DASH = "—"
 FLAG = "†"  # after n: the cell's runs have settings other than the defaults, listed under the table
@@ -55,14 +65,30 @@ def _numbers(column: pd.Series) -> pd.Series:
         return column
 
 
+def fluctuation(values: list[float]) -> float:
+    """How much a loss curve fluctuates: the standard deviation of its epoch-to-epoch changes
+    over the last half of training (``values``, one per epoch in order); NaN for fewer than
+    three epochs in that half."""
+    changes = np.diff(np.asarray(values[len(values) // 2:], dtype=float))
+    return float(changes.std(ddof=1)) if len(changes) >= 2 else math.nan
+
+
+def curve(client: MlflowClient, run_id: str, metric: str) -> list[float]:
+    """A run's per-epoch values of ``metric``, in the order of the epochs."""
+    return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+
 def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
-    """One row per run of ``experiment``: RECORD columns, params (numbers parsed), metrics.<key>."""
+    """One row per run of ``experiment``: RECORD columns, params (numbers parsed), metrics.<key>,
+    and for each FINISHED run ``metrics.val/loss_fluctuation``, from its history (``fluctuation``)."""
     records = [{"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
                 "end_time": run.info.end_time, "group": identity.group_key(run.data.params),
                 "commit": run.data.tags.get("mlflow.source.git.commit"),
                 **{key: run.data.tags.get(key) for key in RECORD if key in TAGGED},
                 **identity.completed(run.data.params),  # a run made before a setting existed ran with its default
-                **{f"metrics.{k}": v for k, v in run.data.metrics.items()}}
+                **{f"metrics.{k}": v for k, v in run.data.metrics.items()},
+                **({FLUCTUATION: fluctuation(curve(client, run.info.run_id, "val/loss"))}
+                   if run.info.status == "FINISHED" else {})}
                for run in tracking.every_run(client, experiment)]
     runs = pd.DataFrame.from_records(records, columns=list(RECORD) if not records else None)
     for column in runs.columns:
@@ -119,10 +145,13 @@ def summarise(group: pd.DataFrame) -> dict:
            "seeds": " ".join(str(int(s)) for s in group["seed"]),
            "iw_samples": group.get("eval.iw_samples", nothing).max(), "knn_k": group.get("eval.knn_k", nothing).max(),
            "run_ids": " ".join(group["run_id"])}
+    nothing = pd.Series(dtype=float)
     for name, metric in [*STATS, *[(name, name) for name, _ in EVALUATION]]:
-        test = group.get(f"metrics.test/{metric}", pd.Series(dtype=float))
+        test = group.get(f"metrics.test/{metric}", nothing)
         row[f"test_{name}_mean"] = test.mean()
         row[f"test_{name}_std"] = test.std(ddof=1)  # NaN for one seed
+    plain = group.get("metrics.test/recon", nothing) + group.get("metrics.test/kl", nothing)
+    row[f"test_{PLAIN_TOTAL[0]}_mean"], row[f"test_{PLAIN_TOTAL[0]}_std"] = plain.mean(), plain.std(ddof=1)
     for name, metric in STATS:
         row[f"train_{name}"] = group.get(f"metrics.train/{metric}", pd.Series(dtype=float)).mean()
     return row
@@ -163,11 +192,11 @@ def non_default(group: pd.DataFrame, own: dict) -> str:
 # ---------------------------------------------------------------------------- tables
 
 
-def fill_command(settings: dict) -> str:
-    """The sweep that would fill a cell: its settings as overrides, over three seeds."""
+def fill_command(settings: dict, seeds) -> str:
+    """The sweep that would fill a cell (or add seeds to it): its settings as overrides, over ``seeds``."""
     groups = {"model.name": "model", "loss.name": "loss", "data.name": "data", "prior.name": "prior"}
     overrides = [f"{groups.get(k, k)}={v}" for k, v in settings.items() if v is not None]
-    return f"python -m vae_sweeps -m {' '.join(overrides)} seed=0,1,2"
+    return f"python -m vae_sweeps -m {' '.join(overrides)} seed={','.join(map(str, seeds))}"
 
 
 def row_keys(spec: dict) -> list[str]:
@@ -199,7 +228,7 @@ def build_table(done: pd.DataFrame, spec: dict) -> tuple[pd.DataFrame, list[str]
         group = pick_group(done, settings)
         row = {label: "/".join(str(v) for v in row_settings(spec, value).values() if v is not None)}
         if group.empty:
-            missing.append(fill_command(settings))
+            missing.append(fill_command(settings, spec["seeds"]))
         else:
             row.update(summarise(group), non_default=non_default(group, settings))
         if cell_key(value) in published:
@@ -239,14 +268,30 @@ def _n(row: pd.Series) -> str:
     return _cell(row["n"]) + (f" {FLAG}" if _flagged(row) else "")
 
 
+def weighted(table: pd.DataFrame, axis: str) -> bool:
+    """Whether some row of ``table`` has c != 1: its Total (c * Recon + KL) is then on another
+    scale than the others', and Recon + KL is shown beside it."""
+    c = table[axis] if axis == "loss.c" else pd.Series(dtype=float)
+    return bool((pd.to_numeric(c, errors="coerce").fillna(1.0) != 1.0).any())
+
+
+def _totals(table: pd.DataFrame, axis: str) -> tuple[list[str], list[str]]:
+    """(headers, names) of the Total columns: Total, and where c != 1 Total named for what it
+    is and Recon + KL beside it."""
+    if weighted(table, axis):
+        return ["Total (= c * Recon + KL)", PLAIN_TOTAL[1]], ["total", PLAIN_TOTAL[0]]
+    return ["Total"], ["total"]
+
+
 def table_markdown(table: pd.DataFrame, axis: str) -> str:
     """Our test Recon, KL and Total, and the study's numbers where it published some; under
     it, the settings other than the defaults of each flagged row."""
     study = ["study_recon", "study_kl", "study_total", "total_diff"] if table["study_total"].notna().any() else []
-    header = [axis, "Recon", "KL", "Total", "n", "epochs", "train Recon", "train KL", "train Total",
+    total_headers, totals = _totals(table, axis)
+    header = [axis, "Recon", "KL", *total_headers, "n", "epochs", "train Recon", "train KL", "train Total",
               *(["study Recon", "study KL", "study Total", "Δ Total"] if study else [])]
-    rows = [[_cell(row[axis]), *(_mean_std(row, name) for name, _ in STATS), _n(row), _cell(row["epochs"]),
-             *(_cell(row[f"train_{name}"]) for name, _ in STATS), *(_cell(row[c]) for c in study)]
+    rows = [[_cell(row[axis]), *(_mean_std(row, name) for name in ("recon", "kl", *totals)), _n(row),
+             _cell(row["epochs"]), *(_cell(row[f"train_{name}"]) for name, _ in STATS), *(_cell(row[c]) for c in study)]
             for _, row in table.iterrows()]
     notes = [f"- {row[axis]}: {row['non_default']}" for _, row in table.iterrows() if _flagged(row)]
     if not notes:
@@ -259,8 +304,10 @@ def brief_markdown(table: pd.DataFrame, axis: str) -> str:
     """The table in brief (the README's results): test Recon, KL, Total and log p(x) with n, and
     the study's Total where it published one."""
     study = ["study_total", "total_diff"] if table["study_total"].notna().any() else []
-    header = [axis, "Recon", "KL", "Total", "log p(x), IW", "n", "epochs", *(["study Total", "Δ Total"] if study else [])]
-    rows = [[_cell(row[axis]), *(_mean_std(row, name) for name in ("recon", "kl", "total", "log_px")), _n(row),
+    total_headers, totals = _totals(table, axis)
+    header = [axis, "Recon", "KL", *total_headers, "log p(x), IW (Bernoulli, c = 1)", "n", "epochs",
+              *(["study Total", "Δ Total"] if study else [])]
+    rows = [[_cell(row[axis]), *(_mean_std(row, name) for name in ("recon", "kl", *totals, "log_px")), _n(row),
              _cell(row["epochs"]), *(_cell(row[c]) for c in study)] for _, row in table.iterrows()]
     return _markdown(header, rows)
 
@@ -270,8 +317,10 @@ def evaluation_markdown(table: pd.DataFrame, axis: str) -> str:
     no evaluated run yet, the columns its runs would fill (some priors' own on a priors axis)."""
     shown = [(name, header) for name, header in EVALUATION if table[f"test_{name}_mean"].notna().any()]
     if not shown:
-        shown = [(name, header) for name, header in EVALUATION if name not in PRIOR_OWN or "prior" in axis]
-    digits = {"knn_accuracy": 3, "sharpness": 3, "active_units": 1, "judged_accuracy": 3, "classes_drawn": 1}
+        shown = [(name, header) for name, header in EVALUATION if (name not in PRIOR_OWN or "prior" in axis)
+                 and (not name.endswith("_objective") or axis.startswith("loss."))]
+    digits = {"knn_accuracy": 3, "knn_accuracy_pca2": 3, "sharpness": 3, "active_units": 1, "judged_accuracy": 3,
+              "classes_drawn": 1}
     rows = [[_cell(row[axis]), *(_mean_std(row, name, digits.get(name, 2)) for name, _ in shown), _n(row)]
             for _, row in table.iterrows()]
     return _markdown([axis, *(header for _, header in shown), "n"], rows)
