@@ -14,7 +14,8 @@ from mlflow.entities import Metric, Param
 
 from vae_sweeps import claims, figures, study_store
 from vae_sweeps.errors import UserError
-from vae_sweeps.report import README_BEGIN, README_END, TITLE_BAND, build_report, differences, provenance
+from vae_sweeps.figures import TITLE_BAND
+from vae_sweeps.report import README_BEGIN, README_END, build_report, differences, provenance
 from vae_sweeps.report import main as report_main
 from vae_sweeps.tables import PROJECT, fluctuation
 from vae_sweeps.train import train
@@ -181,12 +182,13 @@ def test_report_command_reads_the_store_from_the_environment(report, tmp_path):
     assert readme.read_text() == f"# Title\n\nResults:\n\n{README_BEGIN}\n{summary}\n{README_END}\n\n## Next\n"
 
 
-def test_a_readme_without_a_results_block_is_refused_before_the_report_is_built(tmp_path):
+def test_a_readme_without_a_results_block_is_refused_before_the_report_is_built(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n")
-    with pytest.raises(SystemExit, match="has no block to write the results into"):
+    with pytest.raises(SystemExit) as stop:
         report_main(["--out", str(tmp_path / "r"), "--tracking-uri", f"sqlite:///{tmp_path}/none.db",
                      "--readme", str(readme)])
+    assert stop.value.code == 2 and "has no block to write the results into" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "none.db").exists()
     assert readme.read_text() == "# Title\n"
 

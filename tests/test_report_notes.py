@@ -10,7 +10,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow.entities import Metric, Param
 
 from vae_sweeps import figures, identity, tracking
-from vae_sweeps.report import TITLE_BAND, TITLE_LINE, build_report, compose_artifacts
+from vae_sweeps.figures import TITLE_BAND, TITLE_LINE, compose_artifacts
+from vae_sweeps.report import build_report
 from vae_sweeps.tables import EVALUATION, PRIOR_OWN
 
 METRICS = {"test/recon": 130.0, "test/kl": 7.0, "test/loss": 137.0, "test/elbo": -137.0, "train/loss": 140.0,

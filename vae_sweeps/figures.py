@@ -25,6 +25,8 @@ SIZES = {  # name: (width, height) in pixels
     "samples": (700, 760),
 }
 GRID_LIMIT = 5.0  # Fig. 4: z over [-5, 5]
+TITLE_BAND = 64  # pixels above the panels of a composed figure: its title, then panel labels
+TITLE_LINE = 20  # pixels of each further line of a composed figure's title
 
 
 def new_figure(name: str) -> Figure:
@@ -258,3 +260,27 @@ def run_figures(vae, test_images: torch.Tensor, test_labels: torch.Tensor, class
         figs["grid_2d"] = grid_2d(decode, caption)
         figs["quantile_grid"] = quantile_grid(decode, caption, vae.prior.quantiles)
     return figs
+
+
+def compose_artifacts(title: str, images: dict[str, np.ndarray], missing: list[str] | None = None) -> Figure:
+    """The report's figure of several runs' figures: the images side by side under ``title``,
+    each under its label. The title names the ``missing`` panels (no image to draw), and wraps onto more
+    lines where it is wider than the images, the band above them growing by a line each."""
+    if missing:
+        title += f" — {', '.join(missing)}: no finished run yet"
+    width = sum(image.shape[1] for image in images.values())
+    lines = wrap(title, width - 16, 12)
+    band = TITLE_BAND + TITLE_LINE * (len(lines) - 1)
+    height = max(image.shape[0] for image in images.values()) + band
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    fig.text(0.5, 1 - 8 / height, "\n".join(lines), ha="center", va="top", fontsize=12)
+    left = 0
+    for label, image in images.items():
+        h, w = image.shape[:2]
+        ax = fig.add_axes((left / width, (height - band - h) / height, w / width, h / height))
+        ax.imshow(image, interpolation="nearest")
+        ax.axis("off")
+        ax.text(0.5, 1.0 + 4 / h, label, transform=ax.transAxes, ha="center", va="bottom", fontsize=11,
+                weight="bold")
+        left += w
+    return fig

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -40,8 +41,6 @@ from vae_sweeps.tables import (DASH, FLAG, FLUCTUATION, PROJECT, RECORD, TABLES_
                                cell_key, evaluation_markdown, finished_groups, load_runs, pick_group, row_label,
                                row_settings, table_markdown)
 
-TITLE_BAND = 64  # pixels above the panels of a composed figure: its title, then panel labels
-TITLE_LINE = 20  # pixels of each further line of a composed figure's title
 # The README's block that --readme rewrites with summary.md (make results)
 README_BEGIN = "<!-- results:begin (written by `make results` from results/summary.md: edit the report, not this) -->"
 README_END = "<!-- results:end -->"
@@ -62,30 +61,6 @@ def panel_images(client: MlflowClient, artifact: str, panels: dict[str, pd.DataF
             continue
         images[label] = imread(local)
     return images
-
-
-def compose_artifacts(title: str, images: dict[str, np.ndarray], missing: list[str] | None = None) -> Figure:
-    """The images side by side under ``title``, each labelled when the figure has several
-    panels. The title names the ``missing`` panels (no image to draw), and wraps onto more
-    lines where it is wider than the images, the band above them growing by a line each."""
-    if missing:
-        title += f" — {', '.join(missing)}: no finished run yet"
-    width = sum(image.shape[1] for image in images.values())
-    lines = figures.wrap(title, width - 16, 12)
-    band = TITLE_BAND + TITLE_LINE * (len(lines) - 1)
-    height = max(image.shape[0] for image in images.values()) + band
-    fig = Figure(figsize=(width / figures.DPI, height / figures.DPI), dpi=figures.DPI)
-    fig.text(0.5, 1 - 8 / height, "\n".join(lines), ha="center", va="top", fontsize=12)
-    left = 0
-    for label, image in images.items():
-        h, w = image.shape[:2]
-        ax = fig.add_axes((left / width, (height - band - h) / height, w / width, h / height))
-        ax.imshow(image, interpolation="nearest")
-        ax.axis("off")
-        ax.text(0.5, 1.0 + 4 / h, label, transform=ax.transAxes, ha="center", va="bottom", fontsize=11,
-                    weight="bold")
-        left += w
-    return fig
 
 
 def compose_curves(client: MlflowClient, spec: dict, panels: dict[str, pd.DataFrame]) -> Figure:
@@ -130,39 +105,52 @@ def refuse_fewer(done: pd.DataFrame, published: Path, drop: set[str]) -> None:
                         "--drop ID,ID,... (the first 8 characters will do), or --drop all.")
 
 
-def build_report(client: MlflowClient, experiment: str, out: Path, source: str = "", drop: set[str] = frozenset()
-                 ) -> dict:
-    """Write tables (Markdown and CSV), figures (PNG) and report.md into ``out``; returns
-    {"tables": {name: DataFrame}, "missing": {name: [command]}, "figures": {name: path}}.
-    Writes nothing where ``out`` holds a report of more runs (``refuse_fewer``)."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+@dataclass
+class Report:
+    """What the writers of a report read: the tables' and figures' spec (tables.yaml), every run
+    and the counted ones, each table and its gaps, each cell's runs, the claims' verdicts, what
+    built the report, and the figures drawn (``made``) or left out (``absent``)."""
+    spec: dict
+    experiment: str
+    source: str
+    runs: pd.DataFrame
+    done: pd.DataFrame
+    tables: dict = field(default_factory=dict)
+    missing: dict = field(default_factory=dict)
+    cells: dict = field(default_factory=dict)
+    checked: list = field(default_factory=list)
+    built: dict = field(default_factory=dict)
+    made: dict = field(default_factory=dict)
+    absent: dict = field(default_factory=dict)
+
+    @property
+    def not_counted(self) -> int:
+        return int((self.runs["status"] != "FINISHED").sum()) if len(self.runs) else 0
+
+
+def query(client: MlflowClient, experiment: str, source: str = "") -> Report:
+    """The report's numbers, from the store: tables, cells and claims (nothing is written)."""
     spec = yaml.safe_load(TABLES_FILE.read_text())
     runs = load_runs(client, experiment)
-    done = finished_groups(runs)
-    refuse_fewer(done, out / "runs.csv", drop)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "figures").mkdir(exist_ok=True)
-
-    tables, missing, cells = {}, {}, {}
+    report = Report(spec, experiment, source, runs, finished_groups(runs), built=builder(client, experiment))
     for name, table_spec in spec["tables"].items():
-        table, gaps = build_table(done, table_spec)
-        table.to_csv(out / f"{name}.csv", index=False)
-        label = row_label(table_spec)
-        (out / f"{name}.md").write_text(table_markdown(table, label) + "\n\n" + evaluation_markdown(table, label) + "\n")
-        tables[name], missing[name] = table, gaps
+        report.tables[name], report.missing[name] = build_table(report.done, table_spec)
         for value in table_spec["values"]:
-            cells[(name, cell_key(value))] = pick_group(done, {**table_spec["fixed"], **row_settings(table_spec, value)})
-    checked = claims.checked_claims(lambda table, value: cells[(table, cell_key(value))],
-                                    {name: table_spec["experiment"] for name, table_spec in spec["tables"].items()},
-                                    lambda table, value: {**spec["tables"][table]["fixed"],
-                                                          **row_settings(spec["tables"][table], value)})
-    claims.table(checked).to_csv(out / "claims.csv", index=False)
-    (out / "claims.md").write_text(claims.markdown(checked))
+            settings = {**table_spec["fixed"], **row_settings(table_spec, value)}
+            report.cells[(name, cell_key(value))] = pick_group(report.done, settings)
+    report.checked = claims.checked_claims(
+        lambda table, value: report.cells[(table, cell_key(value))],
+        {name: table_spec["experiment"] for name, table_spec in spec["tables"].items()},
+        lambda table, value: {**spec["tables"][table]["fixed"], **row_settings(spec["tables"][table], value)})
+    return report
 
-    made, absent = {}, {}
+
+def draw_figures(client: MlflowClient, report: Report, folder: Path) -> None:
+    """The report's figures (tables.yaml), each from its cells' runs, into ``folder``."""
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fig_spec in spec["figures"].items():
-            panels = {label: cells[(table, cell_key(value))] for label, (table, value) in fig_spec["panels"].items()}
+        for name, fig_spec in report.spec["figures"].items():
+            panels = {label: report.cells[(table, cell_key(value))]
+                      for label, (table, value) in fig_spec["panels"].items()}
             panels = {label: group for label, group in panels.items() if not group.empty}
             if fig_spec["kind"] == "curves":
                 fig = compose_curves(client, fig_spec, panels) if panels else None
@@ -171,20 +159,34 @@ def build_report(client: MlflowClient, experiment: str, out: Path, source: str =
                 panels = {label: panels[label] for label in images}
                 absent_images = [label for label in fig_spec["panels"] if label not in images]
                 shown = {f"{label} (seed {int(panels[label]['seed'].iloc[0])})": image for label, image in images.items()}
-                fig = compose_artifacts(fig_spec["title"], shown, absent_images) if images else None
-            absent[name] = [label for label in fig_spec["panels"] if label not in panels]
-            if fig is None:
-                continue
-            made[name] = out / "figures" / f"{name}.png"
-            fig.savefig(made[name])
+                fig = figures.compose_artifacts(fig_spec["title"], shown, absent_images) if images else None
+            report.absent[name] = [label for label in fig_spec["panels"] if label not in panels]
+            if fig is not None:
+                report.made[name] = folder / f"{name}.png"
+                fig.savefig(report.made[name])
 
-    n_other = int((runs["status"] != "FINISHED").sum()) if len(runs) else 0
-    counted = runs_table(done)
-    counted.to_csv(out / "runs.csv", index=False)
-    (out / "report.md").write_text(report_markdown(spec, tables, missing, made, absent, done, n_other,
-                                                   experiment, source, checked, builder(client, experiment)))
-    (out / "summary.md").write_text(summary_markdown(spec, tables, done, checked))
-    return {"tables": tables, "missing": missing, "figures": made, "claims": checked}
+
+def build_report(client: MlflowClient, experiment: str, out: Path, source: str = "", drop: set[str] = frozenset()
+                 ) -> dict:
+    """Write tables (Markdown and CSV), claims, runs.csv, figures (PNG), report.md and summary.md
+    into ``out``; returns {"tables": {name: DataFrame}, "missing": {name: [command]},
+    "figures": {name: path}, "claims": [(spec, Verdict)]}. Writes nothing where ``out`` holds a
+    report of more runs (``refuse_fewer``)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    report = query(client, experiment, source)
+    refuse_fewer(report.done, out / "runs.csv", drop)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for name, table_spec in report.spec["tables"].items():
+        table, label = report.tables[name], row_label(table_spec)
+        table.to_csv(out / f"{name}.csv", index=False)
+        (out / f"{name}.md").write_text(table_markdown(table, label) + "\n\n" + evaluation_markdown(table, label) + "\n")
+    claims.table(report.checked).to_csv(out / "claims.csv", index=False)
+    (out / "claims.md").write_text(claims.markdown(report.checked))
+    draw_figures(client, report, out / "figures")
+    runs_table(report.done).to_csv(out / "runs.csv", index=False)
+    (out / "report.md").write_text(report_markdown(report))
+    (out / "summary.md").write_text(summary_markdown(report))
+    return {"tables": report.tables, "missing": report.missing, "figures": report.made, "claims": report.checked}
 
 
 def runs_table(done: pd.DataFrame) -> pd.DataFrame:
@@ -265,8 +267,12 @@ def provenance(done: pd.DataFrame) -> str:
             "`runs.csv` lists every counted run with its params and test metrics.")
 
 
-def report_markdown(spec, tables, missing, made, absent, done, n_other, experiment, source, checked=(),
-                    built: dict | None = None) -> str:
+def report_markdown(report: Report) -> str:
+    """report.md: provenance, how to read it, the claims, every table with its claims and gaps,
+    every figure."""
+    spec, tables, missing, done, checked = report.spec, report.tables, report.missing, report.done, report.checked
+    made, absent, experiment, source, built = report.made, report.absent, report.experiment, report.source, report.built
+    n_other = report.not_counted
     lines = [
         "# The VAE study, rebuilt from tracked runs", "",
         f"Built {time.strftime('%Y-%m-%d %H:%M')} from {len(done)} FINISHED run(s) of the MLflow experiment "
@@ -323,8 +329,9 @@ def report_markdown(spec, tables, missing, made, absent, done, n_other, experime
     return "\n".join(lines)
 
 
-def summary_markdown(spec: dict, tables: dict, done: pd.DataFrame, checked) -> str:
+def summary_markdown(report: Report) -> str:
     """The report in brief: its provenance, each claim's verdict, each table's test numbers."""
+    spec, tables, done, checked = report.spec, report.tables, report.done, report.checked
     lines = [provenance(done) or "No finished runs yet.", "",
              "Test set, nats per image, mean ± std over *n* seeds after *epochs* epochs (30: the study gives no "
              "epoch count); *study Total* is the published figure, most likely a training figure of one run. Where "
@@ -348,8 +355,8 @@ def readme_parts(readme: Path) -> tuple[str, str]:
     text = readme.read_text() if readme.is_file() else ""
     begin, end = text.find(README_BEGIN), text.find(README_END)
     if begin < 0 or end < begin:
-        raise SystemExit(f"error: {readme} has no block to write the results into: add the two lines\n"
-                         f"{README_BEGIN}\n{README_END}\nwhere they belong")
+        raise UserError(f"{readme} has no block to write the results into: add the two lines\n"
+                        f"{README_BEGIN}\n{README_END}\nwhere they belong")
     return text[:begin], text[end:]
 
 
@@ -386,6 +393,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="build into a temporary folder and compare its tables, claims, CSVs and summary with "
                              "DIR's, byte for byte (exit 1 if any differs); writes nothing")
     args = parser.parse_args(argv)
+    try:
+        publish(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def publish(args: argparse.Namespace) -> None:
+    """The command's work (main): check a published report, or build one (and its README block)."""
     if args.readme:
         readme_parts(args.readme)  # no block to write into: say so before the report is built
     tracking.quiet_downloads()
@@ -401,11 +417,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1)
         print(f"{args.check}: every table, claim, CSV and the summary rebuilt from {shown_store(uri)}, byte for byte.")
         return
-    try:
-        result = build_report(client, args.experiment, args.out, shown_store(uri), set(args.drop.split(",")))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    result = build_report(client, args.experiment, args.out, shown_store(uri), set(args.drop.split(",")))
     gaps = sum(len(m) for m in result["missing"].values())
     print(f"Wrote {args.out / 'report.md'}: {len(result['tables'])} tables ({gaps} missing cells), "
           f"{len(result['figures'])} figures.")
