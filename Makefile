@@ -30,11 +30,14 @@ QUICK ?= seed=0 trainer.max_epochs=4 eval.iw_samples=10
 STUDY_STORE ?= mlruns/study
 STUDY_URI = sqlite:///$(STUDY_STORE)/mlflow.db
 PUBLISHED ?= results/store/mlflow.db
+# A study not yet published keeps its progress here (make save-study, committed at each stop);
+# make study continues from it, else from the published records; make results removes it.
+PROGRESS ?= results/in-progress/mlflow.db
 # Every part in turn; a part with failed jobs does not stop the others, but fails the target.
 run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep study publish-store study-quick report evaluate results check-results test bench server ui clean
+.PHONY: help install train sweep study save-study study-quick report evaluate results check-results test bench server ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,11 +55,11 @@ sweep: ## Sweep the four architectures (Hydra multirun); ARGS adds overrides
 	$(PY) -m vae_sweeps -m model=mlp2,mlp3,mlp4,cnn $(ARGS)
 
 study: ## Run (or continue) every part of the study into its store, 30 epochs (many hours on a CPU)
-	$(PY) -m vae_sweeps.study_store restore $(PUBLISHED) $(STUDY_STORE)/mlflow.db
+	$(PY) -m vae_sweeps.study_store restore $(if $(wildcard $(PROGRESS)),$(PROGRESS),$(PUBLISHED)) $(STUDY_STORE)/mlflow.db
 	@$(call run_study,tracking.uri=$(STUDY_URI) $(ARGS))
 
-publish-store: ## Copy the study store's run records (no artifacts) to results/store/ (while it runs, too)
-	$(PY) -m vae_sweeps.study_store publish $(STUDY_STORE)/mlflow.db $(PUBLISHED)
+save-study: ## Copy the running study's records (no artifacts) to results/in-progress/, to commit: make study continues from them
+	$(PY) -m vae_sweeps.study_store publish $(STUDY_STORE)/mlflow.db $(PROGRESS)
 
 study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (<20 min on 2 CPU cores)
 	@$(call run_study,$(QUICK) $(ARGS))
@@ -71,6 +74,7 @@ results: ## Publish the study: back-fill its store, rebuild results/ and the REA
 	$(PY) -m vae_sweeps.evaluate --tracking-uri $(STUDY_URI)
 	$(PY) -m vae_sweeps.report --tracking-uri $(STUDY_URI) --out results --readme README.md $(if $(DROP),--drop $(DROP))
 	$(PY) -m vae_sweeps.study_store publish $(STUDY_STORE)/mlflow.db $(PUBLISHED)
+	rm -rf $(dir $(PROGRESS))
 
 check-results: ## Rebuild results/'s tables, claims and CSVs from the published store and compare, byte for byte
 	$(PY) -m vae_sweeps.report --tracking-uri sqlite:///$(PUBLISHED) --check results

@@ -7,9 +7,12 @@ are published as ``results/store/mlflow.db``:
 
 - ``publish``: a consistent copy of the working database (SQLite's backup, safe while jobs
   write), compacted; a run still RUNNING there is KILLED in the copy, since no process trains
-  the copy's runs. ``make results`` publishes; so can a running study, as often as wanted.
+  the copy's runs. ``make results`` publishes the records behind ``results/``; while a study
+  runs, ``make save-study`` copies its progress to ``results/in-progress/mlflow.db`` as often as
+  wanted, to commit before a stop (a machine's local files may not survive it).
 - ``restore``: on a machine without a working store (a fresh clone, a new session), the
-  working store starts as a copy of the published one, so that ``make study`` continues the
+  working store starts as a copy of the committed records (the progress of a study not yet
+  published, else the published ones), so that ``make study`` continues the
   study: FINISHED runs are skipped, a KILLED run resumes where its checkpoint survived, and
   every other configuration trains anew. A working store that exists is kept as it is.
 
