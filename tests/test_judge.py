@@ -98,7 +98,8 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     args = ["--tracking-uri", uri, "--data-root", str(tiny_root), "model.name=mlp2"]
-    assert evaluate.backfill(uri, "vae_sweeps", {"model.name": "mlp3"}, str(tiny_root), dry_run=True) == 0
+    with pytest.raises(evaluate.NoRunMatches, match=r"none has model.name=mlp3 \(the runs have mlp2\)"):
+        evaluate.backfill(uri, "vae_sweeps", {"model.name": "mlp3"}, str(tiny_root), dry_run=True)  # says so
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)  # as in a new process
     capfd.readouterr()
     evaluate.main(args)

@@ -5,17 +5,24 @@ one raises a ConfigError whose message names the key, the bad value and what is 
 This module is a dispatcher: the settings shared by every option (``model.latent_dim``,
 ``loss``, ``optim``, the trainer, the evaluation, tracking) are checked here, and each axis
 option (a model, dataset or prior: ours or a user's) checks its own settings when it is built
-(options.build; the model and prior on PyTorch's meta device, which allocates nothing).
+(options.build; the model and prior on PyTorch's meta device, which allocates nothing). Every
+key must also be one that its reader takes: a ``trainer.*`` key an argument of Lightning's
+Trainer, an option's setting an argument of its ``_target_`` (both by their signatures), and
+``loss``, ``optim`` and ``eval`` only the keys the job reads (``+trainer.epochs=1`` would
+otherwise fail, or be ignored, after the run was created).
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import os
 from urllib.parse import urlsplit
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vae_sweeps import options
 from vae_sweeps.errors import ConfigError, refuse_password
@@ -29,6 +36,18 @@ MAX_PARAMETERS = 10**9
 # The schemes of the tracking stores that MLflow opens (postgresql+psycopg://... too); MLflow 3
 # no longer opens its file store (./mlruns, file:...).
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
+# The settings of the sections that the job reads key by key, with a note on what reads them: any
+# other key (``+optim.weight_decay=0.1``) would be logged as a param, and change the run's
+# identity, while nothing used it.
+READ_KEYS = {
+    "loss": (("name", "c"), " (read by the VAE's loss: vae_sweeps/vae.py)"),
+    "optim": (("name", "lr"), " (the optimiser is given optim.lr alone: vae_sweeps/module.py)"),
+    "eval": (("iw_samples", "knn_k", "judge_epochs"), " (read by the end-of-run evaluation: vae_sweeps/evaluate.py)"),
+}
+# Trainer arguments that the job sets itself (train.make_trainer), and ones that cannot work with
+# the model's manual optimisation (module.py), beyond their defaults.
+TRAINER_SET_BY_JOB = ("callbacks", "logger", "default_root_dir")
+TRAINER_MANUAL_OPTIMISATION = {"gradient_clip_val": None, "accumulate_grad_batches": 1}
 
 
 def _fail(key: str, value, allowed: str) -> None:
@@ -59,6 +78,66 @@ def _positive_finite(key: str, value, example: str) -> None:
         _fail(key, value, f"it must be a finite number > 0, e.g. {key}={example}")
 
 
+def accepted_arguments(target) -> tuple[str, ...] | None:
+    """The keyword arguments that ``target`` (a class or a function) takes, by its signature;
+    None when it takes any (``**kwargs``) or has no signature to read."""
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return None
+    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _known_keys(section: str, settings: dict, accepted, owner: str, note: str = "") -> None:
+    """Refuse the first key of ``settings`` (the section ``section``) that is not in ``accepted``,
+    the keys that ``owner`` takes."""
+    for key, value in settings.items():
+        if key in accepted:
+            continue
+        close = sorted(difflib.get_close_matches(key, accepted, n=2))
+        hint = f" (did you mean {' or '.join(f'{section}.{k}' for k in close)}?)" if close else ""
+        takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no settings"
+        _fail(f"{section}.{key}", value, f"{owner} takes no setting {key}{hint}; {takes}{note}")
+
+
+def _option_keys(axis: str, option: DictConfig, given: tuple[str, ...]) -> None:
+    """Each setting of an axis option must be an argument of its ``_target_`` (one that takes
+    ``**kwargs`` takes any; one that cannot be imported is left to options.build to report)."""
+    from hydra.utils import get_object
+
+    settings = {key: value for key, value in option.items() if key != "name" and not str(key).startswith("_")}
+    target = option.get("_target_")
+    try:
+        accepted = accepted_arguments(get_object(target)) if target else None
+    except Exception:  # not importable: options.build says so
+        return
+    if accepted is not None:
+        own = tuple(key for key in accepted if key not in given)
+        _known_keys(axis, settings, own, f"{axis}={option.name} ({target})", f" (the job gives {', '.join(given)})")
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_arguments() -> tuple[str, ...]:
+    """The arguments of Lightning's Trainer that a config may set. (Imports Lightning: the data
+    option's module has imported it by the time the trainer is checked.)"""
+    from pytorch_lightning import Trainer
+
+    return tuple(key for key in accepted_arguments(Trainer) or () if key not in TRAINER_SET_BY_JOB)
+
+
+def _trainer_keys(trainer: DictConfig) -> None:
+    for key, value in trainer.items():
+        if key in TRAINER_SET_BY_JOB:
+            _fail(f"trainer.{key}", value, "the job sets it itself (vae_sweeps/train.py: make_trainer)")
+        if key in TRAINER_MANUAL_OPTIMISATION and _plain(value) != TRAINER_MANUAL_OPTIMISATION[key]:
+            _fail(f"trainer.{key}", value, "the model steps its optimiser itself (manual optimisation, "
+                  "vae_sweeps/module.py), which Lightning does not clip or accumulate for; leave it out")
+    _known_keys("trainer", dict(trainer.items()), trainer_arguments(), "Lightning's Trainer",
+                " (e.g. trainer.max_epochs=30)")
+
+
 def build_on_meta(model: DictConfig, prior: DictConfig, image_shape: tuple[int, ...]) -> list[torch.nn.Module]:
     """The model's encoder and decoder and the prior, built on PyTorch's meta device (shapes
     only, no memory): each checks its own settings. Raises ConfigError; returns [] if a shape
@@ -73,20 +152,52 @@ def build_on_meta(model: DictConfig, prior: DictConfig, image_shape: tuple[int, 
     return []
 
 
-def _model_size(model: DictConfig, prior: DictConfig, image_shape: tuple[int, ...]) -> None:
+def _parameters(model: DictConfig, prior: DictConfig, image_shape: tuple[int, ...]) -> int | None:
+    """The parameters of this model and prior; None if PyTorch cannot count them."""
     modules = build_on_meta(model, prior, image_shape)
-    count = sum(p.numel() for module in modules for p in module.parameters()) if modules else None
-    if count is None or count > MAX_PARAMETERS:
-        # what sizes it: the latent dim, the model's widths (lists) and the prior's counts
-        sizes = [f"model.latent_dim={model.latent_dim}"]
-        sizes += [f"model.{key}={_plain(value)}" for key, value in model.items()
-                  if isinstance(_plain(value), list) and _is_size(_plain(value))]
-        sizes += [f"prior.{key}={_plain(value)}" for key, value in prior.items()
-                  if key != "name" and _is_size(_plain(value))]
-        has = f"{count:,} parameters" if count is not None else "more parameters than PyTorch can count"
-        raise ConfigError(f"{sizes[0]} with {', '.join(sizes[1:])} is not allowed: this {model.name} would have "
-                          f"{has}, more than {MAX_PARAMETERS:,} (16 GB of float32 weights, gradients and Adam's "
-                          "moments); choose smaller sizes, e.g. model.latent_dim=2.")
+    return sum(p.numel() for module in modules for p in module.parameters()) if modules else None
+
+
+def _too_large(count: int | None) -> bool:
+    return count is None or count > MAX_PARAMETERS
+
+
+def _model_size(model: DictConfig, prior: DictConfig, image_shape: tuple[int, ...]) -> None:
+    count = _parameters(model, prior, image_shape)
+    if not _too_large(count):
+        return
+    # what sizes it: the latent dim, the model's widths (lists) and the prior's counts, each with
+    # its option's own value (conf/<axis>/<name>.yaml)
+    sizes = [("model", "latent_dim", model.latent_dim)]
+    sizes += [("model", key, _plain(value)) for key, value in model.items()
+              if isinstance(_plain(value), list) and _is_size(_plain(value))]
+    sizes += [("prior", key, _plain(value)) for key, value in prior.items()
+              if key != "name" and _is_size(_plain(value))]
+    own = {axis: options.option_config(axis, option.name) or {}
+           for axis, option in (("model", model), ("prior", prior))}
+    # named first, and suggested: the first setting that, at its option's own value, makes the
+    # model small enough; else the first away from its option's own value
+    changed = [(axis, key, value) for axis, key, value in sizes if key in own[axis] and own[axis][key] != value]
+    fixes = [(axis, key, value) for axis, key, value in changed
+             if not _too_large(_parameters(*_with(model, prior, axis, key, own[axis][key]), image_shape))]
+    example = ""
+    if changed:
+        culprit = (fixes or changed)[0]
+        sizes.remove(culprit)
+        sizes.insert(0, culprit)
+        axis, key, _ = culprit
+        example = f", e.g. {axis}.{key}={own[axis][key]} ({(model if axis == 'model' else prior).name}'s own)"
+    named = [f"{axis}.{key}={value}" for axis, key, value in sizes]
+    has = f"{count:,} parameters" if count is not None else "more parameters than PyTorch can count"
+    raise ConfigError(f"{named[0]} with {', '.join(named[1:])} is not allowed: this {model.name} would have "
+                      f"{has}, more than {MAX_PARAMETERS:,} (16 GB of float32 weights, gradients and Adam's "
+                      f"moments); choose smaller sizes{example}.")
+
+
+def _with(model: DictConfig, prior: DictConfig, axis: str, key: str, value) -> tuple[DictConfig, DictConfig]:
+    """(model, prior) with ``axis``.``key`` set to ``value``."""
+    changed = OmegaConf.merge({"model": model, "prior": prior}, {axis: {key: value}})
+    return changed.model, changed.prior
 
 
 def _is_size(value) -> bool:
@@ -135,8 +246,14 @@ def validate(cfg: DictConfig) -> None:
     _positive_finite("loss.c", loss.c, "1.0")
     options.check_name("prior", cfg.prior)
     options.check_name("data", cfg.data)
+    _option_keys("data", cfg.data, ("seed",))
     datamodule = options.build("data", cfg.data, seed=cfg.seed)  # reads no file yet
+    _option_keys("model", model, ("image_shape",))
+    _option_keys("prior", cfg.prior, ("latent_dim",))
     _model_size(model, cfg.prior, datamodule.image_shape)
+    for section, (keys, note) in READ_KEYS.items():
+        _known_keys(section, dict(cfg[section].items()), keys, section, note)
+    _trainer_keys(cfg.trainer)
 
     _int_at_least("trainer.max_epochs", cfg.trainer.max_epochs, 1, "30")
     _int_at_least("eval.iw_samples", cfg.eval.iw_samples, 1, "50")

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import tempfile
 import zlib
@@ -45,6 +46,9 @@ STEMS = tuple(stem for pair in SPLIT_FILES.values() for stem in pair)
 IMAGE_SIZE = 28
 IMAGE_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)  # (channels, height, width)
 TRAIN_IMAGES = 60000  # in the training file of each dataset
+# The data root when neither data.root nor VAE_SWEEPS_DATA_DIR names one (conf/data/*.yaml): a
+# folder in the working folder, made on the first download. A root that the user names must exist.
+DEFAULT_ROOT = "data"
 # The SHA-256 of each decompressed file as published (what torchvision reads): files already on
 # disk are checked against it, so that one dataset's files in another's folder are refused.
 SHA256 = {
@@ -343,6 +347,23 @@ class ImageData(pl.LightningDataModule):
         return self.batches("test")
 
 
+def check_root(root: str, download: bool) -> None:
+    """A data root must be a folder. One that does not exist is made for a download only where it
+    is the default (DEFAULT_ROOT, in the working folder): a root the user names is never made, for
+    a mistyped path would get a new folder and a download where a copy was meant. (Without
+    downloading, a missing root is refused by load_arrays: its files are missing.) Raises BadValue."""
+    path = Path(root)
+    where = ("the one that holds MNIST/raw/ or FashionMNIST/raw/ (data.root=/path/to/datasets or "
+             "VAE_SWEEPS_DATA_DIR=/path/to/datasets)")
+    if path.exists() and not path.is_dir():
+        raise BadValue("root", root, f"it must be a directory, {where}")
+    if path.exists() or not download or root == DEFAULT_ROOT:
+        return
+    source = " (set by VAE_SWEEPS_DATA_DIR)" if os.environ.get("VAE_SWEEPS_DATA_DIR") == root else ""
+    raise BadValue("root", root, f"there is no such folder{source}; give {where}, or make it first "
+                   f"(mkdir -p {shlex.quote(root)}) for the files to be downloaded into it")
+
+
 class ImageDataModule(ImageData):
     """MNIST or Fashion-MNIST (``name``, a key of DATASETS), read by torchvision from ``root``
     and checked (load_arrays)."""
@@ -354,9 +375,7 @@ class ImageDataModule(ImageData):
         super().__init__(batch_size, val_size, seed)
         if name not in DATASETS:
             raise BadValue("name", name, f"choose one of {', '.join(DATASETS)}")
-        if Path(str(root)).exists() and not Path(str(root)).is_dir():
-            raise BadValue("root", str(root), "it must be a directory, the one that holds MNIST/raw/ or "
-                           "FashionMNIST/raw/ (set data.root=... or VAE_SWEEPS_DATA_DIR)")
+        check_root(str(root), download)
         self.name, self.root, self.download, self.verify = name, root, download, verify
         self.classes = classes(name)
 

@@ -19,6 +19,7 @@ entropy of prior samples).
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import math
 import os
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 EVAL_VERSION = "2"  # 1: the evaluation part; 2: and the judge part
 PARTS = {"evaluation": "test/knn_accuracy", "judge": "test/judged_accuracy"}
 CONF = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
+
+
+class NoRunMatches(Exception):
+    """The filters of ``python -m vae_sweeps.evaluate`` match no FINISHED run: exit status 1."""
 
 
 def missing_parts(metrics: dict) -> list[str]:
@@ -92,15 +97,47 @@ def _matches(settings: dict[str, str], filters: dict[str, str]) -> bool:
     return all(same(settings.get(key), value) for key, value in filters.items())
 
 
-def pending(client, experiment: str, filters: dict[str, str]) -> list[tuple[object, list[str]]]:
+def finished_runs(client, experiment: str) -> list[tuple[object, dict[str, str]]]:
+    """(run, its params completed with today's defaults) for every FINISHED run of ``experiment``."""
+    return [(run, identity.completed(run.data.params))
+            for run in tracking.every_run(client, experiment, "attributes.status = 'FINISHED'")]
+
+
+def pending(client, experiment: str, filters: dict[str, str], runs=None) -> list[tuple[object, list[str]]]:
     """(run, the parts it lacks) for every FINISHED run of ``experiment`` that matches
-    ``filters`` and lacks a part."""
+    ``filters`` and lacks a part (``runs``: finished_runs, if the caller has them)."""
     todo = []
-    for run in tracking.every_run(client, experiment, "attributes.status = 'FINISHED'"):
+    for run, settings in finished_runs(client, experiment) if runs is None else runs:
         parts = missing_parts(run.data.metrics)
-        if parts and _matches(identity.completed(run.data.params), filters):
+        if parts and _matches(settings, filters):
             todo.append((run, parts))
     return todo
+
+
+def check_filters(runs: list[tuple[object, dict[str, str]]], filters: dict[str, str], experiment: str) -> None:
+    """Raise UserError for a filter key that is not a param (of the project's config or of any
+    run), and NoRunMatches when no FINISHED run matches ``filters``, naming each filter that none
+    of them has and the values the runs have."""
+    known = set(identity.params(identity.compose(["paths.output_dir=."]))) | {k for _, s in runs for k in s}
+    unknown = [key for key in filters if key not in known]
+    if unknown:
+        close = [m for key in unknown for m in difflib.get_close_matches(key, sorted(known), n=1)]
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise UserError(f"{', '.join(unknown)} is not a param of any run{hint}: filters are KEY=VALUE params, as the "
+                        "MLflow runs show them, e.g. model.name=mlp3 seed=0.")
+    if not filters or any(_matches(settings, filters) for _, settings in runs):
+        return
+    if not runs:
+        raise NoRunMatches(f"Experiment {experiment!r} has no FINISHED run to filter (--experiment, --tracking-uri).")
+    misses = []
+    for key, value in filters.items():
+        if not any(_matches(settings, {key: value}) for _, settings in runs):
+            have = sorted({settings[key] for _, settings in runs if key in settings})
+            misses.append(f"{key}={value} (the runs have {', '.join(have[:12]) + (', ...' if len(have) > 12 else '')})"
+                          if have else f"{key}={value} (no run has {key})")
+    why = f": none has {'; '.join(misses)}" if misses else " (each filter matches some run, but not all at once)"
+    asked = " ".join(f"{key}={value}" for key, value in filters.items())
+    raise NoRunMatches(f"No FINISHED run of experiment {experiment!r} matches {asked}{why}.")
 
 
 def data_option(settings: dict, data_root: str) -> tuple:
@@ -126,11 +163,14 @@ def _typed(value):
 
 
 def backfill(uri: str, experiment: str, filters: dict[str, str], data_root: str, dry_run: bool = False) -> int:
-    """Evaluate every pending run (see ``pending``); returns how many were (or would be) filled."""
+    """Evaluate every pending run (see ``pending``); returns how many were (or would be) filled.
+    Raises UserError for a filter that is not a param, NoRunMatches when no run matches."""
     from vae_sweeps.module import VAEModule  # Lightning: only when there is work
 
     client = tracking.RetryingClient(MlflowClient(tracking_uri=uri))
-    todo = pending(client, experiment, filters)
+    runs = finished_runs(client, experiment)
+    check_filters(runs, filters, experiment)
+    todo = pending(client, experiment, filters, runs)
     print(f"{len(todo)} FINISHED run(s) lack part of the evaluation (version {EVAL_VERSION})"
           + ("." if not todo else ":"))
     for run, parts in todo:
@@ -178,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     tracking.quiet_downloads()
     try:
         backfill(tracking.resolve_uri(args.tracking_uri), args.experiment, filters, args.data_root, args.dry_run)
+    except NoRunMatches as err:  # nothing to do, but not what was asked: like grep, 1
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
