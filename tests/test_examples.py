@@ -56,7 +56,8 @@ def test_user_options_train_for_an_epoch_through_the_cli(tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "resmlp-bce-z2-c1-laplace-npz_images-s0"
+    # then the settings away from the options' own, too many to spell out: the run's identity
+    assert run.info.run_name == f"resmlp-bce-z2-c1-laplace-npz_images-s0-{run.data.tags['config_hash'][:8]}"
     params = run.data.params
     assert (params["model.name"], params["data.name"], params["prior.name"]) == ("resmlp", "npz_images", "laplace")
     assert (params["model.width"], params["model.blocks"], params["prior.scale"]) == ("256", "2", "1.0")

@@ -203,7 +203,7 @@ def test_two_identical_commands_started_together_train_once(tmp_path, tiny_root)
     assert [job.returncode for job in jobs] == [0, 0], [err[-2000:] for _, err in outputs]
     (run,) = all_runs(tmp_path)
     assert run.info.status == "FINISHED"
-    skipped = [out for out, _ in outputs if "Skipped: this configuration has a RUNNING run" in out]
+    skipped = [out for out, _ in outputs if ": this configuration has a RUNNING run" in out]
     trained = [out for out, _ in outputs if "test/loss" in out]
     assert len(skipped) == len(trained) == 1
     assert f"({run.info.run_id}" in skipped[0] and f"MLflow run id: {run.info.run_id}" in trained[0]

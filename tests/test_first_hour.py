@@ -1,18 +1,24 @@
 """The first hour of a new user (issue 23): every mistake gets the project's one-line error and
-exit status 2 before any run exists."""
+exit status 2 before any run exists, runs of one configuration with other settings can be told
+apart, and the silences of a run, a resume and a sweep are filled."""
 
+import logging
+import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 from conftest import ROOT, all_runs, job_env, run_cli
+from hydra.core.utils import JobReturn, JobStatus
 
-from vae_sweeps import evaluate, tracking
+from hydra_plugins.vae_sweeps_sweeper.study_sweeper import summary
+from vae_sweeps import evaluate, identity, tracking
 from vae_sweeps.config import validate
 from vae_sweeps.data import ImageDataModule
 from vae_sweeps.errors import BadValue, ConfigError, DataError
-from vae_sweeps.train import train
+from vae_sweeps.train import make_trainer, resume_or_start, train
 
 # A small model and a short evaluation: the model does not matter here.
 QUICK = ("model=mlp2", "model.hidden=[64]", "eval.iw_samples=1", "eval.judge_epochs=1", "trainer.max_epochs=1")
@@ -138,6 +144,74 @@ def test_a_model_too_large_names_the_setting_that_makes_it_so(make_cfg):
         validate(make_cfg("prior=gmm", "prior.components=1000000000"))
 
 
+# ---------------------------------------------------------------------------- 5. run names
+
+
+def test_every_setting_away_from_its_default_shows_in_the_run_name(tmp_path, tiny_root):
+    default = identity.compose(["paths.output_dir=."])
+    assert identity.run_name(default) == "mlp3-bce-z2-c1-mnist-s0"  # as before
+    assert identity.run_name(identity.compose(["paths.output_dir=.", "threads=1", "seed=2"])) == \
+        "mlp3-bce-z2-c1-mnist-s2"  # threads changes no result
+    one_epoch = identity.compose(["paths.output_dir=.", "trainer.max_epochs=1"])
+    assert identity.run_name(one_epoch) == "mlp3-bce-z2-c1-mnist-s0-max_epochs=1"
+    # too many to spell out: the run's identity, and the caption lists them
+    many = identity.compose(["paths.output_dir=.", "trainer.max_epochs=4", "model.hidden=[512,256]",
+                             "eval.iw_samples=10"])
+    assert identity.run_name(many) == f"mlp3-bce-z2-c1-mnist-s0-{identity.run_key(many)[:8]}"
+    assert identity.caption(many, "0123456789") == (
+        "mlp3 | bce | latent dim 2 | c = 1 | prior standard | mnist | seed 0 | 4 epochs | "
+        "model.hidden=[512, 256] | eval.iw_samples=10 | run 01234567")
+
+
+# ---------------------------------------------------------------------------- 6. a kill before the first checkpoint
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_why_it_trains_anew(make_cfg, tmp_path, caplog):
+    cfg = make_cfg()
+    validate(cfg)
+    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    killed = tracking.start_run(client, experiment_id, cfg, tmp_path / "earlier")
+    client.set_terminated(killed, "KILLED")
+    checkpoint = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.WARNING, logger="vae_sweeps.train"):
+        run_id, epochs = resume_or_start(client, experiment_id, cfg, identity.run_key(cfg), checkpoint)
+    assert (run_id != killed, epochs) == (True, 0)
+    assert f"No checkpoint was saved before the stop: training anew; the KILLED run {killed} stays" in caplog.text
+    assert client.get_run(killed).info.status == "KILLED"
+
+
+# ---------------------------------------------------------------------------- 7, 9, 10. a sweep, a skip, its lines
+
+
+def test_cli_a_sweep_is_named_by_its_folder_and_ends_with_a_summary(make_cfg, tmp_path, tiny_root):
+    train(make_cfg(*QUICK))  # seed 0 is FINISHED: the sweep skips it
+    done = run_cli(tmp_path, tiny_root, *QUICK, "seed=0,1", flags=("-m",))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (folder,) = (tmp_path / "outputs" / "multirun").iterdir()
+    run = next(r for r in all_runs(tmp_path) if r.data.params["seed"] == "1")
+    assert run.data.tags["sweep_id"] == folder.name
+    assert f"Sweep {folder.name}: 1 trained, 1 skipped, 0 failed (logs in {folder.resolve()})" in done.stdout
+    # no progress bar here: a line per epoch instead
+    assert re.search(r"epoch 1 of 1, train/loss [\d.]+, val/loss [\d.]+ \([\d.]+ s\)", done.stdout), done.stdout[-2000:]
+
+    again = run_cli(tmp_path, tiny_root, *QUICK, "seed=1")  # one skipped job says so once
+    assert again.returncode == 0, again.stderr[-2000:]
+    said = again.stdout + again.stderr
+    assert said.count("Skipped") == 1 and f"this configuration already has a FINISHED run ({run.info.run_id}" in said
+
+
+def test_the_summary_counts_jobs_that_were_skipped_when_they_started(tmp_path):
+    def job(status, value=None):
+        return JobReturn(overrides=[], status=status, _return_value=value)
+
+    returns = [job(JobStatus.COMPLETED, {"run_id": "a", "test/loss": 1.0}),
+               job(JobStatus.COMPLETED, {"run_id": "b", "skipped": "this configuration has a RUNNING run"}),
+               job(JobStatus.FAILED, RuntimeError("boom"))]
+    folder = tmp_path / "2026-12-06_08-17-06-7b1ba6"
+    assert summary(returns, 2, folder) == (
+        f"Sweep 2026-12-06_08-17-06-7b1ba6: 1 trained, 3 skipped, 1 failed (logs in {folder})")
+
+
 # ---------------------------------------------------------------------------- 8. a filter that matches nothing
 
 
@@ -169,6 +243,37 @@ def test_evaluate_a_filter_that_matches_no_run_says_so(finished_store, capsys):
         "error: No FINISHED run of experiment 'vae_sweeps' matches model.name=mlp5 seed=0: none has model.name=mlp5 "
         "(the runs have mlp3).")
     assert evaluate.backfill(finished_store, "vae_sweeps", {"model.name": "mlp3"}, "data", dry_run=True) == 1
+
+
+# ---------------------------------------------------------------------------- 9. --help
+
+
+def test_cli_help_names_the_program_as_it_is_run(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vae_sweeps", "--help"], cwd=tmp_path, env=job_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("python -m vae_sweeps [-m] [group=option ...]")
+    assert "__main__" not in done.stdout
+
+
+# ---------------------------------------------------------------------------- 10. SLURM's hint
+
+
+@pytest.mark.parametrize("under_slurm", [False, True], ids=["here", "in a SLURM job"])
+def test_the_srun_hint_only_in_a_slurm_job(make_cfg, tmp_path, monkeypatch, under_slurm):
+    srun = tmp_path / "bin" / "srun"  # SLURM installed on this machine
+    srun.parent.mkdir()
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{srun.parent}:{os.environ['PATH']}")
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    if under_slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "41")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(make_cfg(), [], tmp_path)
+    hints = [w for w in caught if "The `srun` command is available" in str(w.message)]
+    assert bool(hints) == under_slurm
 
 
 # ---------------------------------------------------------------------------- 11. a CPU-only install

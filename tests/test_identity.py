@@ -67,10 +67,14 @@ def test_what_changes_no_result_changes_no_identity(tiny_cfg):
 
 
 def test_names_of_a_run(tiny_cfg):
-    assert identity.run_name(tiny_cfg("seed=4")) == "mlp3-bce-z2-c1-mnist-s4"
-    assert identity.run_name(tiny_cfg("prior=gmm", "prior.kl=mc", "loss.c=0.5")) == "mlp3-bce-z2-c0.5-gmm_mc-mnist-s0"
+    # a tiny job's settings away from their defaults (batch and validation size, 2 epochs) show too
+    tiny = "batch_size=16,val_size=16,max_epochs=2"
+    assert identity.run_name(tiny_cfg("seed=4")) == f"mlp3-bce-z2-c1-mnist-s4-{tiny}"
+    assert identity.run_name(tiny_cfg("prior=gmm", "prior.kl=mc", "loss.c=0.5")) == \
+        f"mlp3-bce-z2-c0.5-gmm_mc-mnist-s0-{tiny}"
     assert identity.caption(tiny_cfg("prior=gmm"), "0123456789") == (
-        "mlp3 | bce | latent dim 2 | c = 1 | prior gmm (components 10, kl tight) | mnist | seed 0 | 2 epochs | run 01234567")
+        "mlp3 | bce | latent dim 2 | c = 1 | prior gmm (components 10, kl tight) | mnist | seed 0 | 2 epochs | "
+        "data.batch_size=16 | data.val_size=16 | run 01234567")
 
 
 def test_a_store_from_an_older_version_is_skipped_by_a_sweep_and_counted_once(tmp_path, tiny_root, tiny_cfg):

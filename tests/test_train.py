@@ -27,7 +27,7 @@ def finished(tmp_path_factory, tiny_root):
 def test_the_run_is_finished_and_named(finished):
     tmp_path, result, client, run = finished
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "mlp3-bce-z2-c2-mnist-s7"
+    assert run.info.run_name == "mlp3-bce-z2-c2-mnist-s7-batch_size=16,val_size=16,max_epochs=2"  # the tiny job's
     assert len(all_runs(tmp_path)) == 1
 
 

@@ -154,18 +154,40 @@ def _prior_label(prior) -> str:
     return prior.name + (f"_{prior.kl}" if prior.get("kl") else "")
 
 
+# The result settings that a run's name and caption show by themselves.
+NAMED = ("model.name", "loss.name", "model.latent_dim", "loss.c", "prior.name", "prior.kl", "data.name", "seed")
+# The longest list of other settings that a run name spells out; beyond it, the name ends with the
+# run's identity (run_key) and the caption lists them.
+NAMED_EXTRA_CHARS = 40
+
+
+def unnamed(cfg: DictConfig) -> dict[str, str]:
+    """The result settings away from their defaults (``distinct``) that the name's fixed parts
+    (NAMED) do not show: ``trainer.max_epochs``, ``model.hidden``, ``data.val_size``, ..."""
+    return {key: value for key, value in distinct(params(cfg)).items() if key not in NAMED}
+
+
 def run_name(cfg: DictConfig) -> str:
     """The MLflow run name, e.g. ``mlp3-bce-z2-c1-mnist-s0`` (the prior shown unless it is the
-    default one)."""
+    default one), then any other setting away from its default, by its last part
+    (``...-s0-max_epochs=1``); where those are long, the run's identity instead (``...-s0-3fa2c1d0``)."""
     prior = "" if cfg.prior.name == defaults().get("prior.name") else f"-{_prior_label(cfg.prior)}"
-    return (f"{cfg.model.name}-{cfg.loss.name}-z{cfg.model.latent_dim}-c{cfg.loss.c:g}{prior}"
+    name = (f"{cfg.model.name}-{cfg.loss.name}-z{cfg.model.latent_dim}-c{cfg.loss.c:g}{prior}"
             f"-{cfg.data.name}-s{cfg.seed}")
+    extra = ",".join(f"{key.rpartition('.')[2]}={value.replace(' ', '')}" for key, value in unnamed(cfg).items())
+    if not extra:
+        return name
+    return f"{name}-{extra if len(extra) <= NAMED_EXTRA_CHARS else run_key(cfg)[:8]}"
 
 
 def caption(cfg: DictConfig, run_id: str) -> str:
-    """One line that says what a run is: its description in MLflow and its figures' caption."""
+    """One line that says what a run is: its description in MLflow and its figures' caption. It
+    names every setting away from its default that the run name cannot show in full."""
     extra = ", ".join(f"{key} {value}" for key, value in cfg.prior.items()
                       if key not in ("name", "_target_") and value is not None)
     prior = cfg.prior.name + (f" ({extra})" if extra else "")
+    others = "".join(f" | {key}={value}" for key, value in unnamed(cfg).items()
+                     if key != "trainer.max_epochs" and not key.startswith("prior."))  # shown above
     return (f"{cfg.model.name} | {cfg.loss.name} | latent dim {cfg.model.latent_dim} | c = {cfg.loss.c:g} | "
-            f"prior {prior} | {cfg.data.name} | seed {cfg.seed} | {cfg.trainer.max_epochs} epochs | run {run_id[:8]}")
+            f"prior {prior} | {cfg.data.name} | seed {cfg.seed} | {cfg.trainer.max_epochs} epochs{others} | "
+            f"run {run_id[:8]}")

@@ -23,7 +23,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from contextlib import closing, contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -459,8 +458,11 @@ def finished_keys(uri: str, experiment: str) -> set[str]:
     return {identity.key_of(run.data.params) for run in every_run(client, experiment, "attributes.status = 'FINISHED'")}
 
 
-def new_sweep_id() -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+def sweep_id(config: DictConfig) -> str:
+    """A sweep's id: the name of its folder (hydra.sweep.dir, outputs/multirun/<time>-<launch id>),
+    so that the ``sweep_id`` tag of its runs leads to their logs. Resolving the folder here fixes
+    its time for the whole sweep (Hydra keeps the resolved ``now`` with the config)."""
+    return Path(str(config.hydra.sweep.dir)).name
 
 
 def start_run(client: MlflowClient, experiment_id: str, cfg: DictConfig, output_dir: Path) -> str:
@@ -509,7 +511,7 @@ class PrepareTracking(Callback):
     anything under outputs/, check the composed tracking settings (a password in a config file
     or a quoted override is refused before it is saved). For a multirun, also create the store
     and the experiment once (SQLite's schema migration is not safe to run from jobs in
-    parallel) and give the sweep an id that every job tags its run with."""
+    parallel) and give the sweep an id that every job tags its run with: its folder's name."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         from vae_sweeps.config import validate_tracking
@@ -531,8 +533,8 @@ class PrepareTracking(Callback):
             open_store(uri, config.tracking.experiment)
         except UserError as err:  # the CLI prints it and exits 2
             raise SweepFailed(str(err), status=2) from err
-        os.environ[SWEEP_ID_ENV] = new_sweep_id()
-        log.info("Sweep id %s", os.environ[SWEEP_ID_ENV])
+        os.environ[SWEEP_ID_ENV] = sweep_id(config)
+        log.info("Sweep id %s (its folder: %s)", os.environ[SWEEP_ID_ENV], config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         os.environ.pop(SWEEP_ID_ENV, None)

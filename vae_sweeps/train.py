@@ -60,14 +60,48 @@ def torch_threads(cfg: DictConfig) -> int:
     return max(1, cores // max(1, jobs))
 
 
+def progress_bar(cfg: DictConfig) -> bool:
+    """``trainer.enable_progress_bar``, where null means: in a terminal, not in a log."""
+    shown = cfg.trainer.get("enable_progress_bar")
+    return sys.stderr.isatty() if shown is None else bool(shown)
+
+
 def make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], output_dir: Path) -> pl.Trainer:
     options = plain(cfg.trainer)
-    if options.get("enable_progress_bar") is None:  # a bar in a terminal, none in logs
-        options["enable_progress_bar"] = sys.stderr.isatty()
+    options["enable_progress_bar"] = progress_bar(cfg)
+    if not os.environ.get("SLURM_JOB_ID"):
+        # Lightning's hint to run under srun, given wherever SLURM is installed, is for jobs of a
+        # SLURM allocation; not for one started on this machine (hydra/launcher=slurm runs its
+        # jobs in allocations, which set SLURM_JOB_ID)
+        warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     # on a machine with several GPUs, job n of a sweep trains on GPU n mod GPUs, not all on the first
     options = devices.pin_to_gpu(options, devices.job_number(), devices.gpu_count())
     # EpochEnd is the Checkpoint callback: Lightning adds none of its own
     return pl.Trainer(**options, callbacks=callbacks, logger=False, default_root_dir=output_dir)
+
+
+class EpochLines(Checkpoint):
+    """Where there is no progress bar (a log file, CI, nohup, a SLURM log): one log line at the
+    end of each training epoch, with its train and validation loss and its time. It saves
+    nothing: a Checkpoint subclass, as EpochEnd is, because Lightning calls those after the
+    LightningModule's own ``on_train_epoch_end``, where the epoch's train means are logged."""
+
+    def __init__(self):
+        self.began = time.monotonic()
+        self.validated = False
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.began, self.validated = time.monotonic(), False
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validated = self.validated or not trainer.sanity_checking
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        shown = ("train/loss", "val/loss") if self.validated else ("train/loss",)
+        losses = "".join(f", {key} {float(metrics[key]):.2f}" for key in shown if key in metrics)
+        log.info("epoch %d of %d%s (%.1f s)", trainer.current_epoch + 1, trainer.max_epochs, losses,
+                 time.monotonic() - self.began)
 
 
 class EpochEnd(Checkpoint):
@@ -190,7 +224,13 @@ def resume_or_start(client, experiment_id: str, cfg: DictConfig, key: str, check
     starts from epoch 0. Failing instead would stop every later launch of this configuration at
     the same checkpoint, and the foreign weights are of no use to it."""
     killed = None if cfg.force else tracking.latest_run(client, experiment_id, key, "KILLED")
-    if killed is None or "resume_from_epoch" not in killed.data.tags:
+    if killed is None:
+        return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
+    if "resume_from_epoch" not in killed.data.tags:
+        why = killed.data.tags.get("error", "")
+        if not why.startswith("its checkpoint"):  # not refused by an earlier launch (below): stopped too soon
+            why = "no checkpoint was saved before the stop"
+        log.warning("%s%s: training anew; the KILLED run %s stays", why[0].upper(), why[1:], killed.info.run_id)
         return tracking.start_run(client, experiment_id, cfg, checkpoint.parents[1]), 0
     run_id = killed.info.run_id
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +327,8 @@ def train(cfg: DictConfig) -> dict:
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim),
                                prior=plain(cfg.prior), image_shape=tuple(datamodule.image_shape))
-            trainer = make_trainer(cfg, [epoch_end], output_dir)
+            lines = [] if progress_bar(cfg) else [EpochLines()]  # without a bar, a log line per epoch
+            trainer = make_trainer(cfg, [epoch_end, *lines], output_dir)
             trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint if done else None, weights_only=True)
             test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
             metrics, tags = evaluate.compute(list(evaluate.PARTS), module.vae, datamodule, identity.params(cfg),

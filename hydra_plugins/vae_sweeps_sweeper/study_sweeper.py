@@ -16,7 +16,8 @@ and ``hydra.sweeper.params`` form a product, launched in batches of at most
   how long the sweep has left: the mean time of its finished jobs, times the jobs left, over
   the jobs that run at once. (Jobs may run in other processes or on other nodes, so each
   finished job adds its time to ``job_times.txt`` in the sweep's folder.)
-- At the end it lists the jobs that failed, and the command exits non-zero.
+- At the end it says how many jobs trained, were skipped and failed, and lists the jobs that
+  failed, and the command exits non-zero if any did.
 
 The sweeper exits nothing itself: ``sweep`` returns the jobs' JobReturns, one list per batch,
 or raises SweepFailed (vae_sweeps/errors.py; bad values: exit status 2, failed jobs: 1), which
@@ -143,6 +144,17 @@ def duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def summary(returns: Sequence[JobReturn], skipped_before: int, sweep_dir: Path) -> str:
+    """The sweep's last line: its jobs trained, skipped (``skipped_before`` up front, and the jobs
+    that found their configuration taken when they started: their result has ``skipped``) and
+    failed, and the folder of their logs, whose name is the runs' ``sweep_id`` tag."""
+    failed = sum(job.status == JobStatus.FAILED for job in returns)
+    skipped = skipped_before + sum(job.status == JobStatus.COMPLETED and isinstance(job.return_value, dict)
+                                   and bool(job.return_value.get("skipped")) for job in returns)
+    trained = len(returns) + skipped_before - failed - skipped
+    return f"Sweep {sweep_dir.name}: {trained} trained, {skipped} skipped, {failed} failed (logs in {sweep_dir})"
+
+
 class Progress:
     """The sweep's task function, wrapped: each job logs "job k of N: <its overrides>" as it
     starts, with the time the sweep has left once one of its jobs has finished, and adds its own
@@ -258,6 +270,7 @@ class StudySweeper(Sweeper):
             batch = self.launcher.launch(jobs[start:start + size], initial_job_idx=start)
             returns.append(batch)
             failed += [(start + i, job) for i, job in enumerate(batch) if job.status == JobStatus.FAILED]
+        print(summary([job for batch in returns for job in batch], len(skipped), sweep_dir))
         if failed:
             lines = []
             for num, job in failed:
