@@ -138,7 +138,7 @@ def grid_2d(decode, caption: str, steps: int = 21) -> Figure:
 def quantile_grid(decode, caption: str, prior_quantiles=None, steps: int = 15) -> Figure:
     """Latent dim 2: the 15 x 15 manifold at the prior's quantiles 0.05 ... 0.95 along each axis
     (``prior_quantiles(probs)``; for N(0, I), norm.ppf(linspace(0.05, 0.95, 15))). A prior without
-    quantiles of its own (a mixture, no prior) gets the grid at N(0, I)'s, and the title says so."""
+    quantiles of its own (``Prior.quantiles`` gives None) gets the grid at N(0, I)'s, and the title says so."""
     probs = torch.linspace(0.05, 0.95, steps)
     values = prior_quantiles(probs) if prior_quantiles is not None else None
     if values is None:
