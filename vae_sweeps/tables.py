@@ -97,11 +97,6 @@ def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
     return runs
 
 
-def default_params() -> dict[str, str]:
-    """The result settings of a run of the default config, as strings (as MLflow returns them)."""
-    return identity.defaults()
-
-
 def finished_groups(runs: pd.DataFrame) -> pd.DataFrame:
     """The FINISHED runs of each ``group`` (identity.group_key: one configuration over its
     seeds), the latest run kept where a group's seed ran more than once."""
