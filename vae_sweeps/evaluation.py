@@ -65,13 +65,12 @@ def likelihoods(vae) -> dict:
 
 
 @torch.no_grad()
-def elbo_and_log_px(vae, images: torch.Tensor, k: int, batch: int = 200, under: dict | None = None
-                    ) -> dict[str, tuple[float, float]]:
-    """For each likelihood of ``under`` (default: ``likelihoods(vae)``), the per-image means of
-    the ELBO (the mean of the k log-weights) and of the importance-weighted bound
-    log (1/k) sum_i w_i, which is at least the ELBO and grows towards log p(x) with k. The
-    per-image values stay on the device until the one read-back."""
-    under = likelihoods(vae) if under is None else under
+def elbo_and_log_px(vae, images: torch.Tensor, k: int, batch: int = 200) -> dict[str, tuple[float, float]]:
+    """For each likelihood of ``likelihoods(vae)``, the per-image means of the ELBO (the mean of
+    the k log-weights) and of the importance-weighted bound log (1/k) sum_i w_i, which is at
+    least the ELBO and grows towards log p(x) with k. The per-image values stay on the device
+    until the one read-back."""
+    under = likelihoods(vae)
     elbo, log_px = {name: [] for name in under}, {name: [] for name in under}
     for x in images.split(batch):
         for name, w in log_weights(vae, x, k, under).items():

@@ -34,6 +34,7 @@ from contextlib import closing
 from pathlib import Path
 
 from vae_sweeps import tracking
+from vae_sweeps.errors import UserError
 
 
 def copy_database(source: Path, target: Path) -> None:
@@ -58,7 +59,7 @@ def copy_database(source: Path, target: Path) -> None:
 def publish(working: Path, published: Path) -> int:
     """Copy the working store's records to ``published``; returns the runs it holds."""
     if not working.is_file():
-        raise SystemExit(f"error: there is no study store at {working} to publish (make study trains one)")
+        raise UserError(f"there is no study store at {working} to publish (make study trains one)")
     copy_database(working, published)
     with closing(sqlite3.connect(published)) as con:
         return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("target", type=Path, help="the database to write")
     args = parser.parse_args(argv)
     if args.action == "publish":
-        runs = publish(args.source, args.target)
+        try:
+            runs = publish(args.source, args.target)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2)
         print(f"Published {runs} run record(s) of {args.source} to {args.target}.")
     elif restore(args.source, args.target):
         print(f"Started the study store {args.target} from the published {args.source}: "
