@@ -36,11 +36,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Dataset
 
-from vae_sweeps import models, tracking
+from vae_sweeps import models, options, store
 from vae_sweeps.data import IMAGE_SHAPE, load_arrays
 from vae_sweeps.module import VAEModule
+from vae_sweeps.options import plain
 from vae_sweeps.priors import StandardPrior
-from vae_sweeps.train import EpochEnd, make_datamodule, make_trainer, plain
+from vae_sweeps.runs import EpochEnd
+from vae_sweeps.train import make_trainer
 from vae_sweeps.vae import VAE
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -90,9 +92,9 @@ def project_path(tmp: Path, epochs: int, device: torch.device, overrides=EXAMPLE
     after each epoch, untimed."""
     extra = [f"+trainer.limit_train_batches={limit}"] if limit else []
     cfg = compose_job(tmp, *overrides, f"trainer.max_epochs={epochs}", f"trainer.accelerator={device.type}", *extra)
-    client, experiment_id = tracking.open_store(tracking.resolve_uri(cfg.tracking.uri), "bench")
+    client, experiment_id = store.open_store(store.resolve_uri(cfg.tracking.uri), "bench")
     run_id = client.create_run(experiment_id).info.run_id
-    datamodule = make_datamodule(cfg)
+    datamodule = options.build("data", cfg.data, seed=cfg.seed)
     pl.seed_everything(cfg.seed, verbose=False)
     module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim))
     output_dir = Path(cfg.paths.output_dir)

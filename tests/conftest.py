@@ -120,14 +120,14 @@ def make_cfg(tmp_path, tiny_root, monkeypatch):
     return lambda *overrides: compose_tiny(tmp_path, tiny_root, *overrides)
 
 
-def store(tmp_path: Path) -> MlflowClient:
+def tmp_store(tmp_path: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
 
 
 def prepared_store(tmp_path: Path) -> MlflowClient:
     """The tmp store, created (as a sweep's callback does) before a job that the test will
     poll starts: two processes must not create one new SQLite store at once."""
-    from vae_sweeps.tracking import open_store
+    from vae_sweeps.store import open_store
 
     return open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")[0]
 
@@ -137,7 +137,7 @@ def all_runs(tmp_path: Path) -> list:
     store was created."""
     if not (tmp_path / "mlruns" / "mlflow.db").exists():
         return []
-    client = store(tmp_path)
+    client = tmp_store(tmp_path)
     ids = [e.experiment_id for e in client.search_experiments() if not e.name.endswith("-judges")]
     return client.search_runs(ids) if ids else []
 

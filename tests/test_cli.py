@@ -11,10 +11,10 @@ import threading
 from contextlib import contextmanager
 
 import pytest
-from conftest import all_runs, job_env, run_cli, store, tiny_overrides
+from conftest import all_runs, job_env, run_cli, tmp_store, tiny_overrides
 
 from vae_sweeps.errors import ConfigError, DataError, UserError
-from vae_sweeps.tracking import check_reachable
+from vae_sweeps.store import check_reachable
 from vae_sweeps.train import train
 
 BAD_INPUT = [  # (overrides, what the message must say)
@@ -54,7 +54,7 @@ BAD_INPUT = [  # (overrides, what the message must say)
 @pytest.fixture
 def tracked_run(tmp_path):
     """A store that already holds one FINISHED run, which bad input must leave alone."""
-    client = store(tmp_path)
+    client = tmp_store(tmp_path)
     experiment = client.create_experiment("vae_sweeps", artifact_location=(tmp_path / "mlruns" / "artifacts").as_uri())
     run = client.create_run(experiment)
     client.log_metric(run.info.run_id, "test/loss", 140.0)

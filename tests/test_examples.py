@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import all_runs, job_env
-from vae_sweeps import options
+from vae_sweeps import identity, options
 from vae_sweeps.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_user_options_train_for_an_epoch_through_the_cli(tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     # then the settings away from the options' own, too many to spell out: the run's identity
-    assert run.info.run_name == f"resmlp-bce-z2-c1-laplace-npz_images-s0-{run.data.tags['config_hash'][:8]}"
+    assert run.info.run_name == f"resmlp-bce-z2-c1-laplace-npz_images-s0-{identity.key_of(run.data.params)[:8]}"
     params = run.data.params
     assert (params["model.name"], params["data.name"], params["prior.name"]) == ("resmlp", "npz_images", "laplace")
     assert (params["model.width"], params["model.blocks"], params["prior.scale"]) == ("256", "2", "1.0")

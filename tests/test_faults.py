@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import all_runs, job_env, prepared_store, run_cli, slowed_cli, store, tiny_overrides
+from conftest import all_runs, job_env, prepared_store, run_cli, slowed_cli, tmp_store, tiny_overrides
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from sqlalchemy.engine.default import DefaultDialect
 from test_resilience import SMALL, history, wait_for
 
-from vae_sweeps import faults, identity, tracking
+from vae_sweeps import faults, identity, runs, store, tracking
 from vae_sweeps.module import NonFiniteLoss
-from vae_sweeps.train import EpochEnd, keep_checkpoint, train
+from vae_sweeps.runs import EpochEnd, keep_checkpoint
+from vae_sweeps.train import train
 
 QUICK = (*SMALL, "eval.iw_samples=1", "eval.judge_epochs=1")  # a small model, a short evaluation
 # python -m vae_sweeps with Hydra's ${now:...} frozen: every job it starts, starts in the same second
@@ -56,14 +57,38 @@ def test_jobs_started_in_the_same_second_write_only_their_own_files(tmp_path, ti
     for job in jobs:
         _, err = job.communicate(timeout=300)
         assert job.returncode == 0, err[-2000:]
-    runs = all_runs(tmp_path)
-    folders = {Path(run.data.tags["output_dir"]) for run in runs}
-    assert len(runs) == 2 and len(folders) == 2
+    done = all_runs(tmp_path)
+    folders = {Path(run.data.tags["output_dir"]) for run in done}
+    assert len(done) == 2 and len(folders) == 2
     assert all(folder.name.startswith("2030-01-01_00-00-00") for folder in folders)
-    for run in runs:  # its folder's checkpoint and the one it uploaded are its own
+    for run in done:  # its folder's checkpoint and the one it uploaded are its own
         uploaded = client.download_artifacts(run.info.run_id, "checkpoints/last.ckpt", str(tmp_path / run.info.run_id))
-        local = Path(run.data.tags["output_dir"]) / "checkpoints" / "last.ckpt"
+        local = runs.checkpoint_path(run.data.tags["output_dir"], run.info.run_id)
         assert saved_key(uploaded) == saved_key(local) == identity.key_of(run.data.params)
+
+
+def test_two_configurations_launched_into_one_output_folder_keep_their_own_checkpoints(tmp_path, tiny_root):
+    """The user's hydra.run.dir, given to two configurations at once: each run's checkpoint, on
+    disk and uploaded, holds its own weights (before, the runs shared one file, and a run's
+    stored checkpoint could be the other configuration's)."""
+    client = prepared_store(tmp_path)
+    jobs = [subprocess.Popen([*slowed_cli(0.5), *tiny_overrides(tmp_path, tiny_root), *QUICK, f"seed={seed}",
+                              "hydra.run.dir=outputs/runs/same"],
+                             cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for seed in (11, 12)]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err[-2000:]
+    done = all_runs(tmp_path)
+    assert len(done) == 2 and all(run.info.status == "FINISHED" for run in done)
+    assert {run.data.tags["output_dir"] for run in done} == {str(tmp_path / "outputs" / "runs" / "same")}
+    uploads = []
+    for run in done:
+        key = identity.key_of(run.data.params)
+        uploads.append(client.download_artifacts(run.info.run_id, "checkpoints/last.ckpt", str(tmp_path / run.info.run_id)))
+        local = runs.checkpoint_path(run.data.tags["output_dir"], run.info.run_id)
+        assert saved_key(uploads[-1]) == saved_key(local) == key
+    assert Path(uploads[0]).read_bytes() != Path(uploads[1]).read_bytes()
 
 
 def test_a_checkpoint_of_another_configuration_is_not_resumed(make_cfg, tmp_path, monkeypatch):
@@ -79,7 +104,7 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(make_cfg, tmp_path
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         train(cfg)
     monkeypatch.undo()
-    client = store(tmp_path)
+    client = tmp_store(tmp_path)
     (killed,) = [run for run in all_runs(tmp_path) if run.info.status == "KILLED"]
     assert killed.data.tags["resume_from_epoch"] == "1"
     # the other configuration's checkpoint in its place, as when two jobs shared one folder
@@ -126,7 +151,7 @@ def test_a_full_disk_fails_the_run_with_its_reason_and_leaves_no_partial_file(ma
     assert raised.value.errno == errno.ENOSPC
     (run,) = all_runs(tmp_path)
     assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
-    assert list((tmp_path / "out" / "checkpoints").iterdir()) == []
+    assert [path for path in (tmp_path / "out" / "checkpoints").rglob("*") if path.is_file()] == []
 
 
 @pytest.fixture
@@ -180,21 +205,21 @@ def test_a_store_failing_during_the_clean_up_hides_no_error_and_the_next_launch_
     (run,) = all_runs(tmp_path)
     assert run.info.status == "RUNNING" and "error" not in run.data.tags
 
-    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    client, experiment_id = store.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     client.set_tag(run.info.run_id, "pid", gone.stdout.strip())  # its process has ended
-    tracking.close_dead_runs(client, experiment_id, identity.run_key(cfg))
+    runs.close_dead_runs(client, experiment_id, identity.run_key(cfg))
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["error"].startswith("NonFiniteLoss: train/loss is inf")  # the reason it recorded
 
 
 def test_two_identical_commands_started_together_train_once(tmp_path, tiny_root):
-    """The configuration's lock (tracking.claim): the second launch waits while the first looks
+    """The configuration's lock (store.lock): the second launch waits while the first looks
     for runs and starts its own, then sees that RUNNING run and skips. Each launch pauses 3 s
     between finding no run and starting one, so that without the lock both would train."""
     prepared_store(tmp_path)
-    pause = ("import time, vae_sweeps.train as job; found = job.already_taken; "
+    pause = ("import time, vae_sweeps.runs as job; found = job.already_taken; "
              "job.already_taken = lambda *args: (found(*args), time.sleep(3))[0]")
     args = [*slowed_cli(0.5, pause), *tiny_overrides(tmp_path, tiny_root), *QUICK, "trainer.max_epochs=8"]
     jobs = [subprocess.Popen(args, cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -215,11 +240,11 @@ def test_a_run_on_another_host_is_live_while_its_heartbeat_is_recent():
         return type("Run", (), {"info": info, "data": type("Data", (), {"tags": {"host": "another-node", **tags}})})
 
     now = time.time()
-    assert tracking.alive(running(heartbeat=str(now - 60)))
-    assert not tracking.alive(running(heartbeat=str(now - 3600)))
-    assert tracking.alive(running(heartbeat=str(now - 3600), longest_epoch_s="2400"))  # slow epochs
-    assert not tracking.alive(running())  # no heartbeat since it started, an hour ago
-    assert tracking.alive(running(host=socket.gethostname(), pid=str(os.getpid())))
+    assert runs.alive(running(heartbeat=str(now - 60)))
+    assert not runs.alive(running(heartbeat=str(now - 3600)))
+    assert runs.alive(running(heartbeat=str(now - 3600), longest_epoch_s="2400"))  # slow epochs
+    assert not runs.alive(running())  # no heartbeat since it started, an hour ago
+    assert runs.alive(running(host=socket.gethostname(), pid=str(os.getpid())))
 
 
 def test_ctrl_c_stops_a_sweep_with_status_130_and_starts_no_other_job(tmp_path, tiny_root):
@@ -265,7 +290,7 @@ def signal_inside_commits(monkeypatch, times: int = 1) -> None:
 def test_a_signal_inside_a_store_commit_comes_after_it_and_leaves_the_store_unlocked(tmp_path, monkeypatch):
     # Raised inside the commit, the interrupt left this process holding SQLite's write lock:
     # the clean-up's calls then waited for it in vain and the run stayed RUNNING.
-    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlflow.db", "vae_sweeps")
+    client, experiment_id = store.open_store(f"sqlite:///{tmp_path}/mlflow.db", "vae_sweeps")
     run_id = client.create_run(experiment_id).info.run_id
     signal_inside_commits(monkeypatch)
     with faults.signals_as_interrupt(), pytest.raises(faults.Interrupted) as stop:
@@ -281,7 +306,7 @@ def test_a_signal_inside_a_store_commit_comes_after_it_and_leaves_the_store_unlo
 
 @pytest.mark.usefixtures("sigint_as_in_a_terminal")
 def test_a_second_signal_during_a_store_call_stops_at_once(tmp_path, monkeypatch):
-    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlflow.db", "vae_sweeps")
+    client, experiment_id = store.open_store(f"sqlite:///{tmp_path}/mlflow.db", "vae_sweeps")
     run_id = client.create_run(experiment_id).info.run_id
     signal_inside_commits(monkeypatch, times=2)  # Ctrl-C twice: a store that does not answer
     with faults.signals_as_interrupt(), pytest.raises(faults.Interrupted):
@@ -306,7 +331,7 @@ def test_an_interrupt_just_after_a_checkpoint_was_replaced_loses_no_epoch(make_c
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         train(cfg)
     monkeypatch.undo()
-    client = store(tmp_path)
+    client = tmp_store(tmp_path)
     (killed,) = all_runs(tmp_path)
     assert killed.info.status == "KILLED" and killed.data.tags["resume_from_epoch"] == "2"
     assert history(client, killed) == [1, 2]  # epoch 2's means, from the checkpoint's record
@@ -320,9 +345,9 @@ def test_an_interrupt_just_after_a_checkpoint_was_replaced_loses_no_epoch(make_c
 
 def test_keeping_a_checkpoint_logs_its_epoch_once_and_only_its_own_configuration(make_cfg, tmp_path):
     cfg = make_cfg("trainer.max_epochs=2", *QUICK)
-    train(cfg)
-    client = store(tmp_path)
-    saved = tmp_path / "out" / "checkpoints" / "last.ckpt"  # epoch 2, means {train/loss: ..., val/...}
+    trained = train(cfg)
+    client = tmp_store(tmp_path)
+    saved = runs.checkpoint_path(tmp_path / "out", trained["run_id"])  # epoch 2, means {train/loss: ..., val/...}
     record = torch.load(saved, weights_only=True)["vae_sweeps"]
     assert record["epochs"] == 2 and record["means"]["train/loss"] > 0
     run_id = client.create_run(client.get_experiment_by_name("vae_sweeps").experiment_id).info.run_id

@@ -14,11 +14,12 @@ from conftest import ROOT, all_runs, job_env, run_cli
 from hydra.core.utils import JobReturn, JobStatus
 
 from hydra_plugins.vae_sweeps_sweeper.study_sweeper import summary
-from vae_sweeps import evaluate, identity, tracking
+from vae_sweeps import evaluate, identity, store, tracking
 from vae_sweeps.config import validate
 from vae_sweeps.data import ImageDataModule
 from vae_sweeps.errors import BadValue, ConfigError, DataError
-from vae_sweeps.train import make_trainer, resume_or_start, train
+from vae_sweeps.runs import resume_or_start
+from vae_sweeps.train import make_trainer, train
 
 # A small model and a short evaluation: the model does not matter here.
 QUICK = ("model=mlp2", "model.hidden=[64]", "eval.iw_samples=1", "eval.judge_epochs=1", "trainer.max_epochs=1")
@@ -169,12 +170,11 @@ def test_every_setting_away_from_its_default_shows_in_the_run_name(tmp_path, tin
 def test_a_run_killed_before_its_first_checkpoint_says_why_it_trains_anew(make_cfg, tmp_path, caplog):
     cfg = make_cfg()
     validate(cfg)
-    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    client, experiment_id = store.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
     killed = tracking.start_run(client, experiment_id, cfg, tmp_path / "earlier")
     client.set_terminated(killed, "KILLED")
-    checkpoint = tmp_path / "out" / "checkpoints" / "last.ckpt"
-    with caplog.at_level(logging.WARNING, logger="vae_sweeps.train"):
-        run_id, epochs = resume_or_start(client, experiment_id, cfg, identity.run_key(cfg), checkpoint)
+    with caplog.at_level(logging.WARNING, logger="vae_sweeps.runs"):
+        run_id, epochs = resume_or_start(client, experiment_id, cfg, identity.run_key(cfg), tmp_path / "out")
     assert (run_id != killed, epochs) == (True, 0)
     assert f"No checkpoint was saved before the stop: training anew; the KILLED run {killed} stays" in caplog.text
     assert client.get_run(killed).info.status == "KILLED"
@@ -219,7 +219,7 @@ def test_the_summary_counts_jobs_that_were_skipped_when_they_started(tmp_path):
 def finished_store(make_cfg, tmp_path):
     """A store with one FINISHED run of the default mlp3 (its params only) and its URI."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    client, experiment_id = tracking.open_store(uri, "vae_sweeps")
+    client, experiment_id = store.open_store(uri, "vae_sweeps")
     cfg = make_cfg()
     validate(cfg)
     client.set_terminated(tracking.start_run(client, experiment_id, cfg, tmp_path / "out"), "FINISHED")

@@ -5,7 +5,7 @@ import pytest
 from conftest import compose_tiny, run_cli
 from mlflow.entities import Metric, Param
 
-from vae_sweeps import identity, tracking
+from vae_sweeps import identity, store
 from vae_sweeps.config import validate
 from vae_sweeps.report import build_report
 
@@ -82,7 +82,7 @@ def test_a_store_from_an_older_version_is_skipped_by_a_sweep_and_counted_once(tm
     the old formula, beside one logged today: a sweep over both configurations skips both, and
     the report counts them in one cell."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    client, experiment_id = tracking.open_store(uri, "vae_sweeps")
+    client, experiment_id = store.open_store(uri, "vae_sweeps")
 
     def finished_run(params: dict[str, str], tags: dict[str, str]) -> str:
         run_id = client.create_run(experiment_id, tags=tags).info.run_id

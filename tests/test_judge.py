@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import all_runs, compose_tiny, fake_digits, store
+from conftest import all_runs, compose_tiny, fake_digits, tmp_store
 from torch import nn
 
 from vae_sweeps import evaluate, judge
@@ -91,7 +91,7 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
         before.setattr(evaluate, "PARTS", {"evaluation": evaluate.PARTS["evaluation"]})
         before.setattr(evaluate, "EVAL_VERSION", "1")
         result = train(cfg)
-    client = store(tmp_path)
+    client = tmp_store(tmp_path)
     run = client.get_run(result["run_id"])
     assert "test/judged_accuracy" not in run.data.metrics and run.data.tags["eval_version"] == "1"
     knn = run.data.metrics["test/knn_accuracy"]

@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import all_runs, store
+from conftest import all_runs, tmp_store
 
+from vae_sweeps import runs
 from vae_sweeps.data import TensorBatches
 from vae_sweeps.module import NonFiniteLoss, VAEModule
 from vae_sweeps.train import train
@@ -120,8 +121,8 @@ def test_a_nan_at_a_later_step_fails_the_run_with_its_epoch_and_step_and_no_chec
     (run,) = all_runs(tmp_path)
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == "NonFiniteLoss: train/loss is nan at epoch 2, step 8"
-    assert [m.step for m in store(tmp_path).get_metric_history(run.info.run_id, "train/loss")] == [1]
-    checkpoint = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert [m.step for m in tmp_store(tmp_path).get_metric_history(run.info.run_id, "train/loss")] == [1]
+    checkpoint = torch.load(runs.checkpoint_path(tmp_path / "out", run.info.run_id), weights_only=True)
     assert checkpoint["global_step"] == 5  # the last checkpoint is epoch 1's: epoch 2 was never saved
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import all_runs, job_env, prepared_store, slowed_cli, store
+from conftest import all_runs, job_env, prepared_store, slowed_cli, tmp_store
 
 from vae_sweeps import evaluate, judge
 from vae_sweeps.data import MNIST, load_arrays, to_tensors
@@ -54,7 +54,7 @@ def test_a_sweep_with_a_failing_job_then_a_rerun_that_skips(tmp_path):
     assert {c: r.info.status for c, r in runs.items()} == {"1e+38": "FAILED", "1.0": "FINISHED"}
     assert runs["1e+38"].data.tags["error"] == "NonFiniteLoss: train/loss is inf at epoch 1, step 1"
     finished = runs["1.0"]  # the job after the failure ran in full
-    assert [m.step for m in store(tmp_path).get_metric_history(finished.info.run_id, "val/loss")] == [1, 2]
+    assert [m.step for m in tmp_store(tmp_path).get_metric_history(finished.info.run_id, "val/loss")] == [1, 2]
     assert finished.data.params["data.name"] == "mnist"
     assert finished.data.metrics["test/loss"] < 600 and 0 < finished.data.metrics["test/knn_accuracy"] <= 1
     again = run(tmp_path, "loss.c=1e38,1", "trainer.max_epochs=2", flags=("-m",))

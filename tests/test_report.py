@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_tiny, png_size, store
+from conftest import compose_tiny, png_size, tmp_store
 from matplotlib.image import imread
 from mlflow.entities import Metric, Param
 
@@ -40,7 +40,7 @@ def report(tmp_path_factory, tiny_root):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         results = [train(compose_tiny(tmp_path, tiny_root, overrides, f"seed={seed}", "model=mlp3"))
                    for overrides, seed in RUNS]
-    client = store(tmp_path)
+    client = tmp_store(tmp_path)
     base = client.get_run(results[0]["run_id"])
     experiment_id, params = base.info.experiment_id, base.data.params
     poison = {"test/loss": 1e6, "test/recon": 1e6, "test/kl": 1e6}
@@ -102,7 +102,7 @@ def test_the_priors_table_and_its_verdict(report):
 
 def test_train_columns_are_the_last_epoch(report):
     built, results, _, out = report
-    client = store(out.parent)
+    client = tmp_store(out.parent)
     table = pd.read_csv(out / "table3.csv").set_index("model.latent_dim")
     last = client.get_metric_history(results[4]["run_id"], "train/loss")[-1]
     assert last.step == 2 and table.loc[1, "train_total"] == pytest.approx(last.value)
@@ -296,7 +296,7 @@ def test_an_emptier_store_does_not_overwrite_a_published_report(report, tmp_path
     for path in out.glob("*.*"):
         (published / path.name).write_bytes(path.read_bytes())
     counted = pd.read_csv(published / "runs.csv")["run_id"].tolist()
-    empty = store(tmp_path)  # this test's own store, with no run
+    empty = tmp_store(tmp_path)  # this test's own store, with no run
     with pytest.raises(UserError, match=rf"counts {len(counted)} runs and this store 0: rebuilding it here would "
                                         rf"drop {len(counted)} run\(s\) not named by --drop \({min(counted)[:8]}"):
         build_report(empty, "vae_sweeps", published)
@@ -317,9 +317,9 @@ def test_the_report_reads_as_a_reviewer_needs(report):
     built, results, _, out = report
     table = pd.read_csv(out / "runs.csv").set_index("run_id")
     run = results[4]["run_id"]  # latent dim 1: its fluctuation from its own val/loss history
-    history = [m.value for m in sorted(store(out.parent).get_metric_history(run, "val/loss"), key=lambda m: m.step)]
+    history = [m.value for m in sorted(tmp_store(out.parent).get_metric_history(run, "val/loss"), key=lambda m: m.step)]
     assert table.loc[run, "val/loss_fluctuation"] == pytest.approx(fluctuation(history), nan_ok=True)
-    assert table.loc[results[0]["run_id"], "classes_drawn"] == store(out.parent).get_run(
+    assert table.loc[results[0]["run_id"], "classes_drawn"] == tmp_store(out.parent).get_run(
         results[0]["run_id"]).data.tags["classes_drawn"]
     text = (out / "report.md").read_text()
     assert "not a normalised density" in text and "docs/study.md" in text and "../shared" not in text

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow.entities import Metric, Param
 
-from vae_sweeps import figures, identity, tracking
+from vae_sweeps import figures, identity, store
 from vae_sweeps.figures import TITLE_BAND, TITLE_LINE, compose_artifacts
 from vae_sweeps.report import build_report
 from vae_sweeps.tables import EVALUATION, PRIOR_OWN
@@ -32,7 +32,7 @@ def logged_run(client, experiment_id, *overrides: str, seed: int = 0, metrics: d
 @pytest.fixture(scope="module")
 def notes(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("notes")
-    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    client, experiment_id = store.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
     logged_run(client, experiment_id)  # the defaults: table2's bce cell
     logged_run(client, experiment_id, "model=cnn")  # a model with widths of its own: still its defaults
     logged_run(client, experiment_id, "loss=l1", "trainer.max_epochs=4", "+trainer.limit_train_batches=0.25")

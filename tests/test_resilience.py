@@ -14,15 +14,16 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 from conftest import (CONF_DIR, ROOT, all_runs, compose_tiny, job_env, prepared_store, run_cli, slowed_cli,
-                      store, tiny_overrides)
+                      tmp_store, tiny_overrides)
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from mlflow.entities import Param
 
-from vae_sweeps import identity, tracking
+from vae_sweeps import identity, store, tracking
 from vae_sweeps.report import build_report
-from vae_sweeps.train import EpochEnd, train
+from vae_sweeps.runs import EpochEnd
+from vae_sweeps.train import train
 
 
 # A small model where the model does not matter: fast epochs, small checkpoints.
@@ -101,7 +102,7 @@ def test_interrupts_at_awkward_moments_keep_the_run_resumable(make_cfg, tmp_path
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         train(cfg())
     monkeypatch.undo()
-    client = store(tmp_path)
+    client = tmp_store(tmp_path)
     (run,) = all_runs(tmp_path)
     assert (run.info.status, run.data.tags["resume_from_epoch"]) == ("KILLED", "2")
     assert history(client, run) == [1, 2] and history(client, run, "val/loss") == [1, 2]
@@ -125,11 +126,11 @@ def test_interrupts_at_awkward_moments_keep_the_run_resumable(make_cfg, tmp_path
 
 def test_a_run_left_running_by_a_dead_process_is_closed(make_cfg, tmp_path):
     cfg = make_cfg("trainer.max_epochs=1", *SMALL)
-    client, experiment_id = tracking.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    client, experiment_id = store.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     params = [Param(k, v) for k, v in identity.params(cfg).items()]
     orphan = client.create_run(experiment_id, tags={"host": socket.gethostname(), "pid": dead.stdout.strip()}).info.run_id
-    # silent for an hour (tracking.alive): not live, so not in the way, but not closed from here either
+    # silent for an hour (runs.alive): not live, so not in the way, but not closed from here either
     elsewhere = client.create_run(experiment_id, tags={"host": "another-node", "pid": "1",
                                                        "heartbeat": str(time.time() - 3600)}).info.run_id
     for run_id in (orphan, elsewhere):
@@ -192,7 +193,7 @@ def test_parallel_joblib_jobs_lose_no_metric(tmp_path, tiny_root):
                    "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", flags=("-m",))
     assert done.returncode == 0, done.stderr[-2000:]
     runs = all_runs(tmp_path)
-    client = store(tmp_path)
+    client = tmp_store(tmp_path)
     assert sorted(r.data.params["seed"] for r in runs) == ["0", "1", "2", "3"]
     for run in runs:
         assert run.info.status == "FINISHED"
@@ -279,7 +280,7 @@ def test_no_secret_or_environment_value_becomes_a_param(make_cfg, tmp_path, tiny
 def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
     # Each process imports mlflow, says it is ready, then waits for one common "go".
     go = tmp_path / "go"
-    code = ("import os, sys, time; from pathlib import Path; from vae_sweeps.tracking import open_store; "
+    code = ("import os, sys, time; from pathlib import Path; from vae_sweeps.store import open_store; "
             "Path(sys.argv[1]).touch()\n"
             f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
             f"print(open_store('sqlite:///{tmp_path}/mlruns/mlflow.db', 'vae_sweeps')[1])")
@@ -309,13 +310,13 @@ def test_retrying_client_repeats_only_locked_writes():
             calls.append(run_id)
             raise RuntimeError("RESOURCE_DOES_NOT_EXIST")
 
-    client = tracking.RetryingClient(Flaky(), attempts=4, wait=0.0)
+    client = store.RetryingClient(Flaky(), attempts=4, wait=0.0)
     assert client.log_batch("run") == "logged" and len(calls) == 3
     calls.clear()
     with pytest.raises(RuntimeError, match="RESOURCE_DOES_NOT_EXIST"):
         client.get_run("x")
     assert len(calls) == 1  # other errors are not retried
-    always_locked = tracking.RetryingClient(Flaky(), attempts=2, wait=0.0)
+    always_locked = store.RetryingClient(Flaky(), attempts=2, wait=0.0)
     calls.clear()
     with pytest.raises(RuntimeError, match="database is locked"):
         always_locked.log_batch("run")
@@ -340,7 +341,7 @@ def test_every_run_reads_every_page_and_passes_the_filter():
             return Page(["a", "b"], "next") if page_token is None else Page(["c"], None)
 
     client = Paged()
-    assert list(tracking.every_run(client, "vae_sweeps", "attributes.status = 'FINISHED'")) == ["a", "b", "c"]
+    assert list(store.every_run(client, "vae_sweeps", "attributes.status = 'FINISHED'")) == ["a", "b", "c"]
     assert client.calls == [(["7"], "attributes.status = 'FINISHED'", None),
                             (["7"], "attributes.status = 'FINISHED'", "next")]
-    assert list(tracking.every_run(client, "no such experiment")) == []
+    assert list(store.every_run(client, "no such experiment")) == []

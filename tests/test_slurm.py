@@ -5,7 +5,7 @@ on a real single-node SLURM."""
 from types import SimpleNamespace
 
 import pytest
-from conftest import CONF_DIR, all_runs, store
+from conftest import CONF_DIR, all_runs, tmp_store
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -13,7 +13,9 @@ from submitit.core.utils import UncompletedJobError
 from submitit.slurm import slurm
 
 from hydra_plugins.vae_sweeps_sweeper import slurm_launcher
-from vae_sweeps.train import INTERRUPTS, EpochEnd, train
+from vae_sweeps.faults import INTERRUPTS
+from vae_sweeps.runs import EpochEnd
+from vae_sweeps.train import train
 
 
 def launcher_config(*overrides: str):
@@ -57,7 +59,7 @@ def test_a_job_whose_requeues_ran_out_ends_killed_and_resumable(make_cfg, tmp_pa
     (run,) = all_runs(tmp_path)
     assert result["run_id"] == run.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["resumed_from_epoch"] == "2"
-    assert [m.step for m in store(tmp_path).get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    assert [m.step for m in tmp_store(tmp_path).get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
 
 
 # Hydra's plugin scan runs the plugin modules again when a config is composed: their classes

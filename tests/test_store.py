@@ -9,7 +9,7 @@ import torch
 from conftest import compose_tiny
 from mlflow import MlflowClient
 
-from vae_sweeps import report, tracking
+from vae_sweeps import report, store, tracking
 from vae_sweeps.data import ImageDataModule
 from vae_sweeps.train import train
 
@@ -27,7 +27,7 @@ def fake_datamodule(name: str, train_size: int) -> ImageDataModule:
 
 
 def test_a_new_experiment_is_a_model_training_one(tmp_path):
-    client, experiment_id = tracking.open_store(uri(tmp_path), "vae_sweeps")
+    client, experiment_id = store.open_store(uri(tmp_path), "vae_sweeps")
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
@@ -36,14 +36,14 @@ def test_an_older_experiment_gets_the_kind_and_a_chosen_kind_is_kept(tmp_path):
     older = plain.create_experiment("older")
     chosen = plain.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
     assert "mlflow.experimentKind" not in plain.get_experiment(older).tags
-    tracking.open_store(uri(tmp_path), "older")
-    tracking.open_store(uri(tmp_path), "chosen")
+    store.open_store(uri(tmp_path), "older")
+    store.open_store(uri(tmp_path), "chosen")
     assert plain.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
     assert plain.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
 
 
 def test_a_run_has_its_dataset_and_its_caption_as_description(tmp_path):
-    client, experiment_id = tracking.open_store(uri(tmp_path), "vae_sweeps")
+    client, experiment_id = store.open_store(uri(tmp_path), "vae_sweeps")
     runs = [client.create_run(experiment_id).info.run_id for _ in range(2)]
     tracking.describe_run(client, runs[0], fake_datamodule("fashion_mnist", 80), "mlp3 | bce | seed 0")
     tracking.describe_run(client, runs[0], fake_datamodule("fashion_mnist", 80), "mlp3 | bce | seed 0")  # resumed
@@ -69,7 +69,7 @@ def test_a_moved_store_still_serves_its_figures(tmp_path, tiny_root, monkeypatch
     assert "was moved or copied from" in caplog.text
     assert (tmp_path / "reports" / "figures" / "fig3_reconstructions.png").is_file()
 
-    client, experiment_id = tracking.open_store(uri(new), "vae_sweeps")
+    client, experiment_id = store.open_store(uri(new), "vae_sweeps")
     local = client.download_artifacts(run_id, "figures/reconstructions.png", str(tmp_path / "download"))
     kept = new / "mlruns" / "artifacts" / run_id / "artifacts" / "figures" / "reconstructions.png"
     assert Path(local).read_bytes() == kept.read_bytes()
@@ -82,18 +82,18 @@ def test_a_moved_store_still_serves_its_figures(tmp_path, tiny_root, monkeypatch
 
 def test_a_copy_is_repointed_and_its_original_left_alone(tmp_path, caplog):
     original, copy = tmp_path / "original", tmp_path / "copy"
-    client, experiment_id = tracking.open_store(uri(original), "vae_sweeps")
+    client, experiment_id = store.open_store(uri(original), "vae_sweeps")
     run_id = client.create_run(experiment_id).info.run_id
     client.log_text(run_id, "from the original", "note.txt")
     shutil.copytree(original / "mlruns", copy / "mlruns")
 
     caplog.set_level(logging.WARNING, logger="vae_sweeps.tracking")
-    tracking.open_store(uri(original), "vae_sweeps")
+    store.open_store(uri(original), "vae_sweeps")
     assert "was moved" not in caplog.text  # a store in its own place is left as it is
-    copied, _ = tracking.open_store(uri(copy), "vae_sweeps")
+    copied, _ = store.open_store(uri(copy), "vae_sweeps")
     assert "was moved or copied from" in caplog.text
     assert copied.get_run(run_id).info.artifact_uri.startswith((copy / "mlruns" / "artifacts").as_uri())
     assert client.get_run(run_id).info.artifact_uri.startswith((original / "mlruns" / "artifacts").as_uri())
     copied.log_text(run_id, "from the copy", "note.txt")  # writes into the copy only
-    for store, text in ((original, "from the original"), (copy, "from the copy")):
-        assert (store / "mlruns" / "artifacts" / run_id / "artifacts" / "note.txt").read_text() == text
+    for folder, text in ((original, "from the original"), (copy, "from the copy")):
+        assert (folder / "mlruns" / "artifacts" / run_id / "artifacts" / "note.txt").read_text() == text

@@ -1,7 +1,7 @@
 """The published study store: a consistent copy of the study's run records, and a working store
 restored from it that continues the study (FINISHED skipped, a lost checkpoint trained anew)."""
 
-from conftest import store
+from conftest import tmp_store
 from mlflow import MlflowClient
 
 from vae_sweeps import study_store
@@ -10,7 +10,7 @@ from vae_sweeps.train import train
 
 def test_publish_copies_the_records_and_kills_the_live_runs_in_the_copy(tmp_path, make_cfg):
     finished = train(make_cfg("seed=0"))["run_id"]
-    client = store(tmp_path)
+    client = tmp_store(tmp_path)
     experiment_id = client.get_run(finished).info.experiment_id
     running = client.create_run(experiment_id).info.run_id  # a job still training when it is published
     published = tmp_path / "results" / "store" / "mlflow.db"
@@ -28,7 +28,7 @@ def test_a_restored_store_continues_the_study(tmp_path, make_cfg):
     that was KILLED with a checkpoint now gone trains anew (the KILLED run stays), and the
     judge, whose weights are gone too, is trained again."""
     done = train(make_cfg("seed=0"))
-    client = store(tmp_path)
+    client = tmp_store(tmp_path)
     experiment_id = client.get_run(done["run_id"]).info.experiment_id
     killed = train(make_cfg("seed=1"))["run_id"]
     client.set_terminated(killed, "KILLED")  # as after Ctrl-C: resumable from its checkpoint

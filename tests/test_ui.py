@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import compose_tiny, store
+from conftest import compose_tiny, tmp_store
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
 from selenium.webdriver.chrome.service import Service
@@ -43,7 +43,7 @@ def server(tmp_path_factory, tiny_root):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         run_id = train(compose_tiny(tmp_path, tiny_root, "trainer.max_epochs=1", "eval.iw_samples=2"))["run_id"]
-    run = store(tmp_path).get_run(run_id)
+    run = tmp_store(tmp_path).get_run(run_id)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"

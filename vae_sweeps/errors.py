@@ -65,3 +65,12 @@ class SweepFailed(BaseException):
         super().__init__(message)
         self.status = status
         self.returns = list(returns)
+
+
+def redact(uri: str) -> str:
+    """``uri`` without its password, if it has one."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

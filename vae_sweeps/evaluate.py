@@ -32,7 +32,7 @@ import yaml
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from vae_sweeps import evaluation, identity, judge, options, tracking
+from vae_sweeps import evaluation, identity, judge, options, store, tracking
 from vae_sweeps.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def missing_parts(metrics: dict) -> list[str]:
 
 def judges_experiment(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """The store's experiment that holds the judges of ``experiment``'s runs."""
-    return tracking.open_store(uri, f"{experiment}-judges")
+    return store.open_store(uri, f"{experiment}-judges")
 
 
 def compute(parts: list[str], vae, datamodule, settings: dict, uri: str, experiment: str
@@ -67,7 +67,7 @@ def compute(parts: list[str], vae, datamodule, settings: dict, uri: str, experim
         client, judges = judges_experiment(uri, experiment)
         epochs = int(settings["eval.judge_epochs"])
         dataset = judge.data_key(settings["data.name"], datamodule)
-        with tracking.claim(uri, f"judge-{dataset}-{epochs}"):  # parallel jobs train it once
+        with store.lock(uri, f"judge-{dataset}-{epochs}"):  # parallel jobs train it once
             the_judge = judge.load_or_train(client, judges, dataset, datamodule.splits, epochs)
         the_judge = the_judge.to(next(vae.parameters()).device)
         judged, drawn = judge.judge_metrics(the_judge, vae, datamodule.splits["test"], int(settings["seed"]))
@@ -100,7 +100,7 @@ def _matches(settings: dict[str, str], filters: dict[str, str]) -> bool:
 def finished_runs(client, experiment: str) -> list[tuple[object, dict[str, str]]]:
     """(run, its params completed with today's defaults) for every FINISHED run of ``experiment``."""
     return [(run, identity.completed(run.data.params))
-            for run in tracking.every_run(client, experiment, "attributes.status = 'FINISHED'")]
+            for run in store.every_run(client, experiment, "attributes.status = 'FINISHED'")]
 
 
 def pending(client, experiment: str, filters: dict[str, str], runs=None) -> list[tuple[object, list[str]]]:
@@ -167,7 +167,7 @@ def backfill(uri: str, experiment: str, filters: dict[str, str], data_root: str,
     Raises UserError for a filter that is not a param, NoRunMatches when no run matches."""
     from vae_sweeps.module import VAEModule  # Lightning: only when there is work
 
-    client = tracking.RetryingClient(MlflowClient(tracking_uri=uri))
+    client = store.RetryingClient(MlflowClient(tracking_uri=uri))
     runs = finished_runs(client, experiment)
     check_filters(runs, filters, experiment)
     todo = pending(client, experiment, filters, runs)
@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         parser.error(f"filters are KEY=VALUE params, e.g. model.name=mlp3; not {', '.join(bad)}")
     filters = dict(f.split("=", 1) for f in args.filters)
-    tracking.quiet_downloads()
+    store.quiet_downloads()
     try:
-        backfill(tracking.resolve_uri(args.tracking_uri), args.experiment, filters, args.data_root, args.dry_run)
+        backfill(store.resolve_uri(args.tracking_uri), args.experiment, filters, args.data_root, args.dry_run)
     except NoRunMatches as err:  # nothing to do, but not what was asked: like grep, 1
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -35,8 +35,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from vae_sweeps import claims, figures, tracking
-from vae_sweeps.errors import UserError
+from vae_sweeps import claims, figures, store
+from vae_sweeps.errors import UserError, redact
 from vae_sweeps.tables import (DASH, FLAG, FLUCTUATION, PROJECT, RECORD, TABLES_FILE, brief_markdown, build_table,
                                cell_key, evaluation_markdown, finished_groups, load_runs, pick_group, row_label,
                                row_settings, table_markdown)
@@ -214,7 +214,7 @@ def builder(client: MlflowClient, experiment: str) -> dict:
             return "not installed"
 
     judges = {run.data.tags.get("judge_dataset", "?"): (run.info.run_id, run.data.metrics.get("test/accuracy"))
-              for run in tracking.every_run(client, f"{experiment}-judges", "attributes.status = 'FINISHED'")}
+              for run in store.every_run(client, f"{experiment}-judges", "attributes.status = 'FINISHED'")}
     return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain")),
             "versions": {"Python": platform.python_version(), "torch": version("torch"),
                          "Lightning": version("pytorch-lightning"), "MLflow": version("mlflow")},
@@ -234,9 +234,9 @@ def built_by(built: dict) -> str:
 def shown_store(uri: str) -> str:
     """The store as the report names it: a SQLite store inside the project by its relative path,
     one elsewhere by its file name (no path of the machine that built it), a server redacted."""
-    db = tracking.sqlite_path(uri)
+    db = store.sqlite_path(uri)
     if db is None:
-        return tracking.redact(uri)
+        return redact(uri)
     return str(db.relative_to(PROJECT)) if db.is_relative_to(PROJECT) else db.name
 
 
@@ -404,9 +404,9 @@ def publish(args: argparse.Namespace) -> None:
     """The command's work (main): check a published report, or build one (and its README block)."""
     if args.readme:
         readme_parts(args.readme)  # no block to write into: say so before the report is built
-    tracking.quiet_downloads()
-    uri = tracking.resolve_uri(args.tracking_uri)
-    tracking.repair_moved_store(uri)  # a moved SQLite store: find its figures beside it
+    store.quiet_downloads()
+    uri = store.resolve_uri(args.tracking_uri)
+    store.repair_moved_store(uri)  # a moved SQLite store: find its figures beside it
     client = MlflowClient(tracking_uri=uri)
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:

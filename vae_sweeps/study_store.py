@@ -33,7 +33,7 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
-from vae_sweeps import tracking
+from vae_sweeps import store
 from vae_sweeps.errors import UserError
 
 
@@ -72,8 +72,8 @@ def restore(published: Path, working: Path) -> bool:
         return False
     copy_database(published, working)
     (working.parent / "artifacts").mkdir(exist_ok=True)
-    with tracking.exclusive(tracking.store_lock(working)):
-        tracking.follow_moved_artifacts(working)
+    with store.exclusive(store.store_lock(working)):
+        store.follow_moved_artifacts(working)
     return True
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-from vae_sweeps import identity, tracking
+from vae_sweeps import identity, store
 
 PROJECT = Path(__file__).resolve().parents[1]
 TABLES_FILE = PROJECT / "experiments" / "tables.yaml"
@@ -89,7 +89,7 @@ def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
                 **{f"metrics.{k}": v for k, v in run.data.metrics.items()},
                 **({FLUCTUATION: fluctuation(curve(client, run.info.run_id, "val/loss"))}
                    if run.info.status == "FINISHED" else {})}
-               for run in tracking.every_run(client, experiment)]
+               for run in store.every_run(client, experiment)]
     runs = pd.DataFrame.from_records(records, columns=list(RECORD) if not records else None)
     for column in runs.columns:
         if column not in RECORD and not column.startswith("metrics."):

@@ -235,7 +235,7 @@ class StudySweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         """Plan, check and run the sweep: the JobReturns of its jobs, one list per batch ([] when
         none ran). Raises SweepFailed if a job has a bad value (none ran) or jobs failed."""
-        from vae_sweeps import tracking
+        from vae_sweeps import store
 
         assert self.config is not None and self.launcher is not None and self.progress is not None
         try:
@@ -244,8 +244,8 @@ class StudySweeper(Sweeper):
             raise SweepFailed(str(err), status=2) from err
         common, names = describe([job for job, _ in planned])
         header = f" (every job: {' '.join(common)})" if common else ""
-        done = set() if self.config.get("force") else tracking.finished_keys(
-            tracking.resolve_uri(self.config.tracking.uri), self.config.tracking.experiment)
+        done = set() if self.config.get("force") else store.finished_keys(
+            store.resolve_uri(self.config.tracking.uri), self.config.tracking.experiment)
         skipped = [name for name, (_, digest) in zip(names, planned) if digest in done]
         todo = [(job, name) for name, (job, digest) in zip(names, planned) if digest not in done]
         if skipped:
