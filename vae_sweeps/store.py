@@ -216,7 +216,9 @@ def follow_moved_artifacts(db: Path) -> None:
 
     MLflow keeps absolute ``file://`` locations per experiment and per run and has no API to
     change them, so this rewrites them in the database (one transaction). The caller holds
-    the store's lock; other writers (an MLflow server) wait for SQLite's own write lock.
+    the store's lock; other writers (an MLflow server) wait for SQLite's own write lock. A
+    process that already wrote or read a run's artifacts goes on using their old place for that
+    run (MLflow caches it per process, by run id); the next process finds them here.
     """
     if not db.is_file():
         return
@@ -243,11 +245,6 @@ def follow_moved_artifacts(db: Path) -> None:
         except BaseException:
             con.execute("ROLLBACK")
             raise
-    try:  # MLflow caches each run's artifact repository (its old location) per process, by run id
-        from mlflow.tracking._tracking_service.utils import _artifact_repos_cache
-        _artifact_repos_cache.clear()
-    except ImportError:
-        pass
     log.warning("The MLflow store %s was moved or copied from %s; its artifact locations now point beside it "
                 "(%s; rewritten in the database with SQL, as MLflow has no API for this).", db,
                 ", ".join(map(str, sorted(roots))), ", ".join(f"{n} {table}" for table, n in changed.items()))
