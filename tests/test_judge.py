@@ -7,7 +7,7 @@ import torch
 from conftest import all_runs, compose_tiny, fake_digits, store
 from torch import nn
 
-from vae_sweeps import evaluate, judge
+from vae_sweeps import backfill, judge
 from vae_sweeps.data import MNIST, to_tensors
 from vae_sweeps.train import train
 
@@ -69,7 +69,7 @@ def test_judged_metrics_count_what_the_decoder_draws_and_gets_right(digits):
 def test_the_judge_is_stored_once_and_reused(tmp_path, digits, monkeypatch):
     x, y, _ = digits
     splits = {"train": (x[:150], y[:150]), "val": (x[150:], y[150:]), "test": to_tensors(*fake_digits(50, 1))}
-    client, experiment = evaluate.judges_experiment(f"sqlite:///{tmp_path}/mlflow.db", "study")
+    client, experiment = backfill.judges_experiment(f"sqlite:///{tmp_path}/mlflow.db", "study")
     calls = []
     original = judge.fit
     monkeypatch.setattr(judge, "fit", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -88,8 +88,8 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_tiny(tmp_path, tiny_root, "model=mlp2", "model.hidden=[64]", "trainer.max_epochs=1")
     with monkeypatch.context() as before:
-        before.setattr(evaluate, "PARTS", {"evaluation": evaluate.PARTS["evaluation"]})
-        before.setattr(evaluate, "EVAL_VERSION", "1")
+        before.setattr(backfill, "PARTS", {"evaluation": backfill.PARTS["evaluation"]})
+        before.setattr(backfill, "EVAL_VERSION", "1")
         result = train(cfg)
     client = store(tmp_path)
     run = client.get_run(result["run_id"])
@@ -98,20 +98,20 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     args = ["--tracking-uri", uri, "--data-root", str(tiny_root), "model.name=mlp2"]
-    with pytest.raises(evaluate.NoRunMatches, match=r"none has model.name=mlp3 \(the runs have mlp2\)"):
-        evaluate.backfill(uri, "vae_sweeps", {"model.name": "mlp3"}, str(tiny_root), dry_run=True)  # says so
+    with pytest.raises(backfill.NoRunMatches, match=r"none has model.name=mlp3 \(the runs have mlp2\)"):
+        backfill.backfill(uri, "vae_sweeps", {"model.name": "mlp3"}, str(tiny_root), dry_run=True)  # says so
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)  # as in a new process
     capfd.readouterr()
-    evaluate.main(args)
+    backfill.main(args)
     assert "Downloading artifacts" not in capfd.readouterr().err  # no progress bar per run
     run = client.get_run(result["run_id"])
-    assert run.data.tags["eval_version"] == evaluate.EVAL_VERSION == run.data.tags["eval_backfilled"]
+    assert run.data.tags["eval_version"] == backfill.EVAL_VERSION == run.data.tags["eval_backfilled"]
     assert 0 <= run.data.metrics["test/judged_accuracy"] <= 1
     drawn = run.data.tags["classes_drawn"]
     assert (len(drawn.split()) if drawn != "none" else 0) == run.data.metrics["test/classes_drawn"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/judged_accuracy")] == [1]
     assert run.data.metrics["test/knn_accuracy"] == knn  # the part it had is left alone
-    evaluate.main(args)  # idempotent: nothing left to do
+    backfill.main(args)  # idempotent: nothing left to do
     assert len(client.get_metric_history(run.info.run_id, "test/judged_accuracy")) == 1
     assert [r.info.run_id for r in all_runs(tmp_path)] == [result["run_id"]]
 

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
-from vae_sweeps import devices, evaluate, figures, identity, options, tracking
+from vae_sweeps import backfill, devices, figures, identity, options, tracking
 from vae_sweeps.config import validate
 from vae_sweeps.data import ImageData
 from vae_sweeps.faults import INTERRUPTS, Interrupted, attempt, signals_as_interrupt
@@ -331,10 +331,10 @@ def train(cfg: DictConfig) -> dict:
             trainer = make_trainer(cfg, [epoch_end, *lines], output_dir)
             trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint if done else None, weights_only=True)
             test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-            metrics, tags = evaluate.compute(list(evaluate.PARTS), module.vae, datamodule, identity.params(cfg),
+            metrics, tags = backfill.compute(list(backfill.PARTS), module.vae, datamodule, identity.params(cfg),
                                              uri, cfg.tracking.experiment)
             test.update(metrics)
-            evaluate.log_evaluation(client, run_id, test, tags, epoch_end.saved)
+            backfill.log_evaluation(client, run_id, test, tags, epoch_end.saved)
             client.log_artifact(run_id, str(checkpoint), "checkpoints")
             log_figures(client, run_id, module, datamodule, identity.caption(cfg, run_id))
         except BaseException as err:

@@ -1,4 +1,4 @@
-"""The evaluation of a trained run, at its end or later: ``python -m vae_sweeps.evaluate``.
+"""The evaluation of a trained run, at its end or later: ``python -m vae_sweeps.backfill``.
 
 Every run ends with this evaluation (train.py). A run trained before a part of it existed
 gets that part later, without retraining: this command loads each FINISHED run's checkpoint
@@ -6,9 +6,9 @@ from MLflow, computes the parts the run lacks, and logs them into the same run, 
 its last epoch, with the tag ``eval_version`` (and ``eval_backfilled``, the version that filled
 it). A second call finds nothing to do.
 
-    python -m vae_sweeps.evaluate                            # every FINISHED run that lacks a part
-    python -m vae_sweeps.evaluate model.name=mlp3 data.name=mnist --dry-run
-    python -m vae_sweeps.evaluate --tracking-uri http://127.0.0.1:5000 --data-root ../shared/datasets
+    python -m vae_sweeps.backfill                            # every FINISHED run that lacks a part
+    python -m vae_sweeps.backfill model.name=mlp3 data.name=mnist --dry-run
+    python -m vae_sweeps.backfill --tracking-uri http://127.0.0.1:5000 --data-root ../shared/datasets
 
 The parts (``PARTS``: a part, and one metric that every run with that part has):
 ``evaluation`` (evaluation.py: ELBO, IW log p(x), reconstructions, active units, k-NN,
@@ -43,7 +43,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
 
 
 class NoRunMatches(Exception):
-    """The filters of ``python -m vae_sweeps.evaluate`` match no FINISHED run: exit status 1."""
+    """The filters of ``python -m vae_sweeps.backfill`` match no FINISHED run: exit status 1."""
 
 
 def missing_parts(metrics: dict) -> list[str]:
@@ -201,7 +201,7 @@ def backfill(uri: str, experiment: str, filters: dict[str, str], data_root: str,
 
 def main(argv: list[str] | None = None) -> None:
     defaults = OmegaConf.load(CONF)
-    parser = argparse.ArgumentParser(prog="python -m vae_sweeps.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vae_sweeps.backfill", description=__doc__.split("\n\n")[0])
     parser.add_argument("filters", nargs="*", metavar="KEY=VALUE",
                         help="only runs whose params match, e.g. model.name=mlp3 seed=0")
     parser.add_argument("--tracking-uri", default=defaults.tracking.uri,
