@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import all_runs, compose_tiny, fake_digits, store
+from conftest import N_TEST, all_runs, compose_tiny, fake_digits, store
 from torch import nn
 
-from vae_sweeps import backfill, judge
+from vae_sweeps import backfill, identity, judge, metrics
 from vae_sweeps.data import MNIST, to_tensors
 from vae_sweeps.train import train
 
@@ -114,6 +114,43 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
     backfill.main(args)  # idempotent: nothing left to do
     assert len(client.get_metric_history(run.info.run_id, "test/judged_accuracy")) == 1
     assert [r.info.run_id for r in all_runs(tmp_path)] == [result["run_id"]]
+
+
+def test_a_new_metric_is_back_filled_into_a_run_that_has_every_other(tmp_path, tiny_root, monkeypatch):
+    """One registry entry makes a metric: a run evaluated before it existed lacks only that one,
+    and the back-fill adds it, whether its part is an existing one or a new one, and leaves the
+    run's other metrics as they were."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose_tiny(tmp_path, tiny_root, "model=mlp2", "model.hidden=[64]", "trainer.max_epochs=1")
+    result = train(cfg)
+    client = store(tmp_path)
+    before = client.get_run(result["run_id"]).data
+    assert metrics.lacking(before.metrics, identity.completed(before.params)) == {}  # the registry is what a run logs
+
+    evaluation_part = backfill.PARTS["evaluation"]
+
+    def evaluation_and_count(vae, datamodule, *rest):  # a new metric of the evaluation part
+        found, tags = evaluation_part(vae, datamodule, *rest)
+        return {**found, "test/test_images": float(len(datamodule.splits["test"][0]))}, tags
+
+    monkeypatch.setitem(backfill.PARTS, "evaluation", evaluation_and_count)
+    monkeypatch.setitem(backfill.PARTS, "extra", lambda vae, *rest: ({"test/latent_dims": float(vae.latent_dim)}, {}))
+    monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, metrics.Metric("test_images", "evaluation"),
+                                             metrics.Metric("latent_dims", "extra")))
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    (run, lacks), = backfill.pending(client, "vae_sweeps", {})
+    assert lacks == {"evaluation": ["test_images"], "extra": ["latent_dims"]}
+    backfill.main(["--tracking-uri", uri, "--data-root", str(tiny_root)])
+    after = client.get_run(result["run_id"]).data
+    assert after.metrics["test/test_images"] == N_TEST and after.metrics["test/latent_dims"] == cfg.model.latent_dim
+    new = ("test/test_images", "test/latent_dims")
+    assert {key: value for key, value in after.metrics.items() if key not in new} == before.metrics
+    assert all(len(client.get_metric_history(run.info.run_id, key)) == 1
+               for key in before.metrics if key.startswith("test/"))  # logged once, at the run's end
+    step = client.get_metric_history(run.info.run_id, "test/knn_accuracy")[0].step
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/test_images")] == [step]
+    assert after.tags["eval_backfilled"] == backfill.EVAL_VERSION
+    assert backfill.pending(client, "vae_sweeps", {}) == []  # nothing left to do
 
 
 def test_a_judge_per_dataset_file_and_of_any_image_shape(tmp_path):
