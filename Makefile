@@ -67,11 +67,11 @@ study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (<20
 report: ## Rebuild the study's tables, claims and figures from MLflow into reports/ (no training)
 	$(PY) -m vae_sweeps.report
 
-evaluate: ## Fill in the end-of-run evaluation that older runs lack (the judge's metrics); no training
-	$(PY) -m vae_sweeps.evaluate $(ARGS)
+evaluate: ## Fill in the end-of-run metrics that older runs lack (python -m vae_sweeps.backfill); no training
+	$(PY) -m vae_sweeps.backfill $(ARGS)
 
 results: ## Publish the study: back-fill its store, rebuild results/ and the README's summary, publish its records
-	$(PY) -m vae_sweeps.evaluate --tracking-uri $(STUDY_URI)
+	$(PY) -m vae_sweeps.backfill --tracking-uri $(STUDY_URI)
 	$(PY) -m vae_sweeps.report --tracking-uri $(STUDY_URI) --out results --readme README.md $(if $(DROP),--drop $(DROP))
 	$(PY) -m vae_sweeps.study_store publish $(STUDY_STORE)/mlflow.db $(PUBLISHED)
 	rm -rf $(dir $(PROGRESS))

@@ -196,7 +196,7 @@ def test_which_digits_a_decoder_draws_is_graded_per_digit():
 def test_runs_without_drawn_shares_say_what_fills_them():
     cells = {"dim1": pd.DataFrame({"metrics.test/loss": [1.0, 2.0]}), "dim2": shares({})}
     result = checked(SIX["parts"][0], cells)
-    assert result.verdict == "inconclusive" and "python -m vae_sweeps.evaluate" in result.why
+    assert result.verdict == "inconclusive" and "python -m vae_sweeps.backfill" in result.why
 
 
 @pytest.mark.parametrize("parts, whole", [

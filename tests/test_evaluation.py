@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from vae_sweeps import evaluation, models
+from vae_sweeps import evaluation, identity, metrics, models, options
+from vae_sweeps.errors import UserError
 from vae_sweeps.priors import MixturePrior, NoPrior, StandardPrior
 from vae_sweeps.vae import VAE
 
@@ -134,6 +135,24 @@ def test_the_objective_bound_is_logged_only_where_it_differs():
     weighted.c = 2.0
     metrics = evaluation.evaluate(weighted, splits(), iw_samples=4, knn_k=3)
     assert {"test/log_px_objective", "test/elbo_objective"} <= set(metrics)
+
+
+@pytest.mark.parametrize("overrides", [[], ["prior=gmm", "prior.components=3", "prior.kl=mc"], ["prior=none"],
+                                       ["loss=l2", "loss.c=4"], ["loss.c=2"]])
+def test_the_registry_names_what_the_evaluation_computes(overrides):
+    """The back-fill looks for the registry's metrics that apply to a run (metrics.expected):
+    they are what the evaluation part computes for that run's prior and loss."""
+    cfg = identity.compose([*overrides, "model.latent_dim=2", "paths.output_dir=."])
+    prior = options.build("prior", cfg.prior, latent_dim=2)
+    vae = VAE(*models.mlp(2, [32], layers=2, image_shape=(1, 28, 28)), prior, recon=cfg.loss.name, c=cfg.loss.c)
+    computed = evaluation.evaluate(vae, splits(), iw_samples=4, knn_k=3)
+    expected = {m.key for m in metrics.expected(identity.params(cfg)) if m.part == "evaluation"}
+    assert set(computed) == expected
+
+
+def test_a_prior_that_cannot_be_imported_is_a_user_error():
+    with pytest.raises(UserError, match=r"prior._target_=nowhere.Prior cannot be imported"):
+        metrics.expected({"prior._target_": "nowhere.Prior"})
 
 
 def test_pca_projects_onto_the_direction_of_largest_variance():

@@ -14,7 +14,7 @@ from conftest import ROOT, all_runs, job_env, run_cli
 from hydra.core.utils import JobReturn, JobStatus
 
 from hydra_plugins.vae_sweeps_sweeper.study_sweeper import summary
-from vae_sweeps import evaluate, identity, store, tracking
+from vae_sweeps import backfill, identity, store, tracking
 from vae_sweeps.config import validate
 from vae_sweeps.data import ImageDataModule
 from vae_sweeps.errors import BadValue, ConfigError, DataError
@@ -226,23 +226,23 @@ def finished_store(make_cfg, tmp_path):
     return uri
 
 
-def test_evaluate_a_filter_key_that_is_not_a_param_exits_2(finished_store, capsys):
+def test_backfill_a_filter_key_that_is_not_a_param_exits_2(finished_store, capsys):
     with pytest.raises(SystemExit) as exit_:
-        evaluate.main(["model.nmae=mlp3", "--tracking-uri", finished_store, "--dry-run"])
+        backfill.main(["model.nmae=mlp3", "--tracking-uri", finished_store, "--dry-run"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "error: model.nmae is not a param of any run (did you mean model.name?): filters are KEY=VALUE params, as the "
         "MLflow runs show them, e.g. model.name=mlp3 seed=0.")
 
 
-def test_evaluate_a_filter_that_matches_no_run_says_so(finished_store, capsys):
+def test_backfill_a_filter_that_matches_no_run_says_so(finished_store, capsys):
     with pytest.raises(SystemExit) as exit_:
-        evaluate.main(["model.name=mlp5", "seed=0", "--tracking-uri", finished_store, "--dry-run"])
+        backfill.main(["model.name=mlp5", "seed=0", "--tracking-uri", finished_store, "--dry-run"])
     assert exit_.value.code == 1
     assert capsys.readouterr().err.strip() == (
         "error: No FINISHED run of experiment 'vae_sweeps' matches model.name=mlp5 seed=0: none has model.name=mlp5 "
         "(the runs have mlp3).")
-    assert evaluate.backfill(finished_store, "vae_sweeps", {"model.name": "mlp3"}, "data", dry_run=True) == 1
+    assert backfill.backfill(finished_store, "vae_sweeps", {"model.name": "mlp3"}, "data", dry_run=True) == 1
 
 
 # ---------------------------------------------------------------------------- 9. --help

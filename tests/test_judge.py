@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import all_runs, compose_tiny, fake_digits, tmp_store
+from conftest import N_TEST, all_runs, compose_tiny, fake_digits, tmp_store
 from torch import nn
 
-from vae_sweeps import evaluate, judge
+from vae_sweeps import backfill, identity, judge, metrics
 from vae_sweeps.data import MNIST, to_tensors
 from vae_sweeps.train import train
 
@@ -69,7 +69,7 @@ def test_judged_metrics_count_what_the_decoder_draws_and_gets_right(digits):
 def test_the_judge_is_stored_once_and_reused(tmp_path, digits, monkeypatch):
     x, y, _ = digits
     splits = {"train": (x[:150], y[:150]), "val": (x[150:], y[150:]), "test": to_tensors(*fake_digits(50, 1))}
-    client, experiment = evaluate.judges_experiment(f"sqlite:///{tmp_path}/mlflow.db", "study")
+    client, experiment = backfill.judges_experiment(f"sqlite:///{tmp_path}/mlflow.db", "study")
     calls = []
     original = judge.fit
     monkeypatch.setattr(judge, "fit", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -88,8 +88,8 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_tiny(tmp_path, tiny_root, "model=mlp2", "model.hidden=[64]", "trainer.max_epochs=1")
     with monkeypatch.context() as before:
-        before.setattr(evaluate, "PARTS", {"evaluation": evaluate.PARTS["evaluation"]})
-        before.setattr(evaluate, "EVAL_VERSION", "1")
+        before.setattr(backfill, "PARTS", {"evaluation": backfill.PARTS["evaluation"]})
+        before.setattr(backfill, "EVAL_VERSION", "1")
         result = train(cfg)
     client = tmp_store(tmp_path)
     run = client.get_run(result["run_id"])
@@ -98,22 +98,59 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     args = ["--tracking-uri", uri, "--data-root", str(tiny_root), "model.name=mlp2"]
-    with pytest.raises(evaluate.NoRunMatches, match=r"none has model.name=mlp3 \(the runs have mlp2\)"):
-        evaluate.backfill(uri, "vae_sweeps", {"model.name": "mlp3"}, str(tiny_root), dry_run=True)  # says so
+    with pytest.raises(backfill.NoRunMatches, match=r"none has model.name=mlp3 \(the runs have mlp2\)"):
+        backfill.backfill(uri, "vae_sweeps", {"model.name": "mlp3"}, str(tiny_root), dry_run=True)  # says so
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)  # as in a new process
     capfd.readouterr()
-    evaluate.main(args)
+    backfill.main(args)
     assert "Downloading artifacts" not in capfd.readouterr().err  # no progress bar per run
     run = client.get_run(result["run_id"])
-    assert run.data.tags["eval_version"] == evaluate.EVAL_VERSION == run.data.tags["eval_backfilled"]
+    assert run.data.tags["eval_version"] == backfill.EVAL_VERSION == run.data.tags["eval_backfilled"]
     assert 0 <= run.data.metrics["test/judged_accuracy"] <= 1
     drawn = run.data.tags["classes_drawn"]
     assert (len(drawn.split()) if drawn != "none" else 0) == run.data.metrics["test/classes_drawn"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/judged_accuracy")] == [1]
     assert run.data.metrics["test/knn_accuracy"] == knn  # the part it had is left alone
-    evaluate.main(args)  # idempotent: nothing left to do
+    backfill.main(args)  # idempotent: nothing left to do
     assert len(client.get_metric_history(run.info.run_id, "test/judged_accuracy")) == 1
     assert [r.info.run_id for r in all_runs(tmp_path)] == [result["run_id"]]
+
+
+def test_a_new_metric_is_back_filled_into_a_run_that_has_every_other(tmp_path, tiny_root, monkeypatch):
+    """One registry entry makes a metric: a run evaluated before it existed lacks only that one,
+    and the back-fill adds it, whether its part is an existing one or a new one, and leaves the
+    run's other metrics as they were."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose_tiny(tmp_path, tiny_root, "model=mlp2", "model.hidden=[64]", "trainer.max_epochs=1")
+    result = train(cfg)
+    client = tmp_store(tmp_path)
+    before = client.get_run(result["run_id"]).data
+    assert metrics.lacking(before.metrics, identity.completed(before.params)) == {}  # the registry is what a run logs
+
+    evaluation_part = backfill.PARTS["evaluation"]
+
+    def evaluation_and_count(vae, datamodule, *rest):  # a new metric of the evaluation part
+        found, tags = evaluation_part(vae, datamodule, *rest)
+        return {**found, "test/test_images": float(len(datamodule.splits["test"][0]))}, tags
+
+    monkeypatch.setitem(backfill.PARTS, "evaluation", evaluation_and_count)
+    monkeypatch.setitem(backfill.PARTS, "extra", lambda vae, *rest: ({"test/latent_dims": float(vae.latent_dim)}, {}))
+    monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, metrics.Metric("test_images", "evaluation"),
+                                             metrics.Metric("latent_dims", "extra")))
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    (run, lacks), = backfill.pending(client, "vae_sweeps", {})
+    assert lacks == {"evaluation": ["test_images"], "extra": ["latent_dims"]}
+    backfill.main(["--tracking-uri", uri, "--data-root", str(tiny_root)])
+    after = client.get_run(result["run_id"]).data
+    assert after.metrics["test/test_images"] == N_TEST and after.metrics["test/latent_dims"] == cfg.model.latent_dim
+    new = ("test/test_images", "test/latent_dims")
+    assert {key: value for key, value in after.metrics.items() if key not in new} == before.metrics
+    assert all(len(client.get_metric_history(run.info.run_id, key)) == 1
+               for key in before.metrics if key.startswith("test/"))  # logged once, at the run's end
+    step = client.get_metric_history(run.info.run_id, "test/knn_accuracy")[0].step
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/test_images")] == [step]
+    assert after.tags["eval_backfilled"] == backfill.EVAL_VERSION
+    assert backfill.pending(client, "vae_sweeps", {}) == []  # nothing left to do
 
 
 def test_a_judge_per_dataset_file_and_of_any_image_shape(tmp_path):

@@ -1,6 +1,8 @@
 """The report's notes: cells whose runs left the default settings, evaluation tables with no
 run yet, and figure titles that say what is missing and fit their figure."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,10 +11,10 @@ from hydra import compose, initialize_config_dir
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow.entities import Metric, Param
 
-from vae_sweeps import figures, identity, store
+from vae_sweeps import figures, identity, metrics, store, tables
 from vae_sweeps.figures import TITLE_BAND, TITLE_LINE, compose_artifacts
+from vae_sweeps.metrics import PRIOR_OWN, shown
 from vae_sweeps.report import build_report
-from vae_sweeps.tables import EVALUATION, PRIOR_OWN
 
 METRICS = {"test/recon": 130.0, "test/kl": 7.0, "test/loss": 137.0, "test/elbo": -137.0, "train/loss": 140.0,
            "val/loss": 139.0}
@@ -68,11 +70,27 @@ def test_a_table_with_c_other_than_1_names_its_total_and_shows_recon_plus_kl(not
 
 
 def test_an_evaluation_table_with_no_run_keeps_its_columns(notes):
-    every = [header for name, header in EVALUATION if not name.endswith("_objective")]
-    general = [header for name, header in EVALUATION if name not in PRIOR_OWN and not name.endswith("_objective")]
+    every = [m.header for m in shown() if not m.name.endswith("_objective")]
+    general = [m.header for m in shown() if m.where is not PRIOR_OWN and not m.name.endswith("_objective")]
     assert f"| model.name | {' | '.join(general)} | n |" in (notes / "fashion_table1.md").read_text()
     # a priors table shows a mixture prior's KL columns too
     assert f"| prior.name/prior.kl | {' | '.join(every)} | n |" in (notes / "priors_z10.md").read_text()
+
+
+def test_an_evaluation_column_s_header_and_digits_come_from_the_registry(monkeypatch):
+    """The tables read the registry: a new entry is a column (its header, its digits), and an entry's digits
+    are its cells'."""
+    registry = [dataclasses.replace(m, digits=5) if m.name == "knn_accuracy" else m for m in metrics.METRICS]
+    new = metrics.Metric("pixel_mean", "evaluation", "mean pixel", digits=4)
+    monkeypatch.setattr(metrics, "METRICS", (*registry, new))
+    done = pd.DataFrame({"run_id": ["a", "b"], "group": ["g", "g"], "seed": [0, 1], "start_time": [1, 2],
+                         "model.name": ["mlp3", "mlp3"], "metrics.test/knn_accuracy": [0.5, 0.7],
+                         "metrics.test/pixel_mean": [0.123456, 0.123456]})
+    table, _ = tables.build_table(done, {"rows": "model.name", "values": ["mlp3"], "fixed": {}, "seeds": [0, 1]})
+    assert {"test_pixel_mean_mean", "test_pixel_mean_std"} <= set(table.columns)  # a column of the CSV
+    assert tables.evaluation_markdown(table, "model.name").splitlines() == [
+        "| model.name | k-NN acc. | mean pixel | n |", "|---|---|---|---|",
+        "| mlp3 | 0.60000 ± 0.14142 | 0.1235 ± 0.0000 | 2 |"]
 
 
 def texts_fit(fig) -> bool:

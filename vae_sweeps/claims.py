@@ -288,7 +288,7 @@ def _drawn(spec: dict, group: pd.DataFrame, threshold: float) -> Verdict:
     columns = [f"metrics.test/drawn_share_{k}" for k in digits]
     if not all(c in group for c in columns) or group[columns].dropna().empty:
         return Verdict(INCONCLUSIVE, f"{where}: no drawn shares", f"the runs at {where} lack test/drawn_share_<k>: "
-                       "python -m vae_sweeps.evaluate fills them")
+                       "python -m vae_sweeps.backfill fills them")
     shares = group[columns].dropna().set_axis(digits, axis=1)  # a row per seed, a column per digit
     n = len(shares)
     evidence = (f"{_name(spec['a'])}: the share of decoded points judged k with confidence >= 0.9, per seed "

@@ -42,7 +42,7 @@ TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 READ_KEYS = {
     "loss": (("name", "c"), " (read by the VAE's loss: vae_sweeps/vae.py)"),
     "optim": (("name", "lr"), " (the optimiser is given optim.lr alone: vae_sweeps/module.py)"),
-    "eval": (("iw_samples", "knn_k", "judge_epochs"), " (read by the end-of-run evaluation: vae_sweeps/evaluate.py)"),
+    "eval": (("iw_samples", "knn_k", "judge_epochs"), " (read by the end-of-run evaluation: vae_sweeps/backfill.py)"),
 }
 # Trainer arguments that the job sets itself (train.make_trainer), and ones that cannot work with
 # the model's manual optimisation (module.py), beyond their defaults.

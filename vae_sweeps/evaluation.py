@@ -22,6 +22,10 @@
 - ``test/sharpness``: the mean image-gradient magnitude of the reconstructions relative to
   the originals' (1 = as sharp as the data).
 - ``test/<name>`` for each test metric of the prior's own (``Prior.metrics``, priors.py).
+
+Each of these is an entry of the registry (metrics.py), which the tables and the back-fill
+read: a metric added here needs its entry there, and ``tests/test_evaluation.py`` checks that
+the two agree.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -32,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PROJECT = Path(__file__).resolve().parents[1]  # the project's folder: conf/, experiments/, results/
+CONF_DIR = PROJECT / "conf"
 
 # Not params: Hydra's own settings, machine-specific paths, the tracking settings (the URI may
 # hold credentials), free-form tags, and force.
@@ -99,6 +101,27 @@ def is_result_setting(key: str) -> bool:
 def result_settings(settings: Mapping[str, str]) -> dict[str, str]:
     """The params (of a config or of a logged run) that change what a run computes."""
     return {key: str(value) for key, value in settings.items() if is_result_setting(key)}
+
+
+def same_value(a, b) -> bool:
+    """Whether two values of a setting are the same: as numbers where both read as numbers (a
+    param is a string: "1", "1.0" and 1.0 are one value), else as text."""
+    try:
+        return math.isclose(float(a), float(b))
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def matches(settings: Mapping, wanted: Mapping) -> bool:
+    """Whether a run's params (or a table's record of them) have each ``wanted`` value
+    (``same_value``; None: the run lacks that param). The back-fill's filters and the tables'
+    cells both pick runs with it."""
+    def lacks(value) -> bool:
+        return value is None or (isinstance(value, float) and math.isnan(value))
+
+    return all(lacks(settings.get(key)) if value is None
+               else not lacks(settings.get(key)) and same_value(settings[key], value)
+               for key, value in wanted.items())
 
 
 def choices(settings: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

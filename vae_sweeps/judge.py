@@ -4,7 +4,7 @@ study's claims about *which* digits a VAE draws or gets wrong have numbers.
 The judge of a dataset is trained once on its whole training file (seeded, so the same data
 gives the same judge) and stored as its own MLflow run in the experiment ``<experiment>-judges``
 (weights as ``judge/state_dict.pt``, loaded with ``weights_only=True``). Every later run and
-every back-fill (``python -m vae_sweeps.evaluate``) reuses it; it is trained again only if it is
+every back-fill (``python -m vae_sweeps.backfill``) reuses it; it is trained again only if it is
 missing, or its weights are (a store restored from its published records). ``JUDGE_VERSION`` names the architecture and training recipe: a new version trains a
 new judge.
 

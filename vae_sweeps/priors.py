@@ -49,6 +49,9 @@ class Prior(nn.Module):
 
     # True: a deterministic encoder (z = mu) and no KL term, so no ELBO to evaluate.
     deterministic = False
+    # The names of the test metrics ``metrics`` returns: the back-fill looks for each in a run
+    # (metrics.py), so that a run logged before one of them existed gets it.
+    metric_names: tuple[str, ...] = ()
 
     def __init__(self, latent_dim: int):
         super().__init__()
@@ -76,7 +79,8 @@ class Prior(nn.Module):
         return None
 
     def metrics(self, vae, images: torch.Tensor, batch: int) -> dict[str, float]:
-        """Test metrics of this prior's own, by name without the ``test/`` prefix."""
+        """Test metrics of this prior's own, by name without the ``test/`` prefix: those of
+        ``metric_names``."""
         return {}
 
 
@@ -113,6 +117,8 @@ class MixturePrior(Prior):
     """A mixture of ``components`` diagonal Gaussians with learnable means, log-variances and
     weights (softmax of ``logits``). The means start spread out as N(0, I) draws, the
     variances at 1 and the weights equal."""
+
+    metric_names = ("kl_mc", "kl_bound", "kl_tight", "kl_bound_gap", "kl_tight_gap")
 
     def __init__(self, latent_dim: int, components: int = 10, kl: str = "tight"):
         super().__init__(latent_dim)

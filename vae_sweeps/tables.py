@@ -13,46 +13,38 @@ setting existed counts as having that setting's current default. The tables are 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-from vae_sweeps import identity, store
+from vae_sweeps import identity, metrics, store
+from vae_sweeps.identity import PROJECT
 
-PROJECT = Path(__file__).resolve().parents[1]
 TABLES_FILE = PROJECT / "experiments" / "tables.yaml"
 TAGGED = ("sweep_id", "classes_drawn", "host", "torch_version", "cpu_count", "torch_threads", "command")
 # per-run columns that are not params: the run, its group (identity.group_key) and provenance tags
 RECORD = ("run_id", "status", "start_time", "end_time", "sweep_id", "group", "classes_drawn", "commit", "host",
           "torch_version", "cpu_count", "torch_threads", "command")
 STATS = (("recon", "recon"), ("kl", "kl"), ("total", "loss"))  # (column name, metric name)
-# The end-of-run evaluation (evaluation.py): (metric test/<name>, column header). ELBO and log p(x)
-# are under the Bernoulli likelihood with c = 1 in every run; the *_objective columns are the same
-# bounds of the run's own training objective (-c * Recon), logged only where that is another.
-EVALUATION = (("elbo", "ELBO (Bernoulli, c = 1)"), ("log_px", "log p(x), IW (Bernoulli, c = 1)"),
-              ("elbo_objective", "ELBO of the training objective"),
-              ("log_px_objective", "IW bound of the training objective"),
-              ("recon_bce", "BCE"), ("recon_l2", "L2"),
-              ("recon_l1", "L1"), ("sharpness", "sharpness"), ("active_units", "active units"),
-              ("knn_accuracy", "k-NN acc."), ("knn_accuracy_pca2", "k-NN acc., pixels' PCA-2"),
-              ("kl_mc", "KL (MC)"), ("kl_tight_gap", "tight - MC"),
-              ("kl_bound_gap", "bound - MC"), ("judged_accuracy", "judged acc."),
-              ("classes_drawn", "classes drawn"), ("sample_class_entropy", "sample class entropy"))
 # Recon + KL of each run: its Total where c = 1, and the c = 1 negative ELBO (one scale) where c != 1
 PLAIN_TOTAL = ("recon_plus_kl", "Recon + KL")
-COLUMNS = ["n", "epochs", "seeds",
-           *[f"test_{name}_{s}" for name, _ in STATS for s in ("mean", "std")],
-           *[f"test_{PLAIN_TOTAL[0]}_{s}" for s in ("mean", "std")],
-           *[f"train_{name}" for name, _ in STATS],
-           "study_recon", "study_kl", "study_total", "total_diff",
-           *[f"test_{name}_{s}" for name, _ in EVALUATION for s in ("mean", "std")],
-           "iw_samples", "knn_k", "run_ids", "non_default"]
 FLUCTUATION = "metrics.val/loss_fluctuation"  # a run's curve's fluctuation (``fluctuation``), from its history
-PRIOR_OWN = ("kl_mc", "kl_tight_gap", "kl_bound_gap")  # columns of some priors' own metrics (Prior.metrics)
 DASH = "—"
 FLAG = "†"  # after n: the cell's runs have settings other than the defaults, listed under the table
+
+
+def columns() -> list[str]:
+    """A table's columns after its row label (and a CSV's): the Total's parts at test and train,
+    the study's, and a mean and std per metric of the end-of-run evaluation that has a header
+    in the registry (metrics.py, read at each call), in its order."""
+    return ["n", "epochs", "seeds",
+            *[f"test_{name}_{s}" for name, _ in STATS for s in ("mean", "std")],
+            *[f"test_{PLAIN_TOTAL[0]}_{s}" for s in ("mean", "std")],
+            *[f"train_{name}" for name, _ in STATS],
+            "study_recon", "study_kl", "study_total", "total_diff",
+            *[f"test_{m.name}_{s}" for m in metrics.shown() for s in ("mean", "std")],
+            "iw_samples", "knn_k", "run_ids", "non_default"]
 
 
 # ---------------------------------------------------------------------------- runs as records
@@ -106,24 +98,10 @@ def finished_groups(runs: pd.DataFrame) -> pd.DataFrame:
     return done.sort_values("start_time").drop_duplicates(["group", "seed"], keep="last")
 
 
-def _matches(runs: pd.DataFrame, key: str, value) -> pd.Series:
-    """Runs whose param ``key`` is ``value`` (None: runs without that param)."""
-    if key not in runs:
-        return pd.Series(value is None, index=runs.index)
-    column = runs[key]
-    if value is None:
-        return column.isna()
-    if isinstance(value, (int, float)) and pd.api.types.is_numeric_dtype(column):
-        return pd.Series(np.isclose(column.astype(float), float(value)), index=runs.index)
-    return column.astype(str) == str(value)
-
-
 def pick_group(done: pd.DataFrame, settings: dict) -> pd.DataFrame:
     """The runs of the best group matching ``settings`` (empty if none)."""
-    mask = pd.Series(True, index=done.index)
-    for key, value in settings.items():
-        mask &= _matches(done, key, value)
-    candidates = done[mask]
+    mask = [identity.matches(run, settings) for run in done.reindex(columns=list(settings)).to_dict("records")]
+    candidates = done[pd.Series(mask, index=done.index, dtype=bool)]
     if candidates.empty:
         return candidates
     epochs = candidates.get("trainer.max_epochs", pd.Series(0, index=candidates.index))
@@ -141,7 +119,7 @@ def summarise(group: pd.DataFrame) -> dict:
            "iw_samples": group.get("eval.iw_samples", nothing).max(), "knn_k": group.get("eval.knn_k", nothing).max(),
            "run_ids": " ".join(group["run_id"])}
     nothing = pd.Series(dtype=float)
-    for name, metric in [*STATS, *[(name, name) for name, _ in EVALUATION]]:
+    for name, metric in [*STATS, *[(m.name, m.name) for m in metrics.shown()]]:
         test = group.get(f"metrics.test/{metric}", nothing)
         row[f"test_{name}_mean"] = test.mean()
         row[f"test_{name}_std"] = test.std(ddof=1)  # NaN for one seed
@@ -150,13 +128,6 @@ def summarise(group: pd.DataFrame) -> dict:
     for name, metric in STATS:
         row[f"train_{name}"] = group.get(f"metrics.train/{metric}", pd.Series(dtype=float)).mean()
     return row
-
-
-def _same(value, default: str) -> bool:
-    try:
-        return math.isclose(float(value), float(default))
-    except (TypeError, ValueError):
-        return str(value) == default
 
 
 def _shown(value) -> str:
@@ -179,7 +150,7 @@ def non_default(group: pd.DataFrame, own: dict) -> str:
             continue
         if key not in defaults:
             differ.append(f"{key} = {_shown(value)} (not in the current config)")
-        elif not _same(value, defaults[key]):
+        elif not identity.same_value(value, defaults[key]):
             differ.append(f"{key} = {_shown(value)} (default {defaults[key]})")
     return ", ".join(differ)
 
@@ -229,7 +200,7 @@ def build_table(done: pd.DataFrame, spec: dict) -> tuple[pd.DataFrame, list[str]
         if cell_key(value) in published:
             row["study_recon"], row["study_kl"], row["study_total"] = published[cell_key(value)]
         rows.append(row)
-    table = pd.DataFrame(rows).reindex(columns=[label, *COLUMNS])
+    table = pd.DataFrame(rows).reindex(columns=[label, *columns()])
     for column in ("n", "epochs", "iw_samples", "knn_k"):
         table[column] = table[column].astype("Int64")
     table["total_diff"] = table["test_total_mean"] - table["study_total"]
@@ -310,12 +281,9 @@ def brief_markdown(table: pd.DataFrame, axis: str) -> str:
 def evaluation_markdown(table: pd.DataFrame, axis: str) -> str:
     """The end-of-run evaluation: the columns that have a value in some row; in a table with
     no evaluated run yet, the columns its runs would fill (some priors' own on a priors axis)."""
-    shown = [(name, header) for name, header in EVALUATION if table[f"test_{name}_mean"].notna().any()]
+    shown = [m for m in metrics.shown() if table[f"test_{m.name}_mean"].notna().any()]
     if not shown:
-        shown = [(name, header) for name, header in EVALUATION if (name not in PRIOR_OWN or "prior" in axis)
-                 and (not name.endswith("_objective") or axis.startswith("loss."))]
-    digits = {"knn_accuracy": 3, "knn_accuracy_pca2": 3, "sharpness": 3, "active_units": 1, "judged_accuracy": 3,
-              "classes_drawn": 1}
-    rows = [[_cell(row[axis]), *(_mean_std(row, name, digits.get(name, 2)) for name, _ in shown), _n(row)]
+        shown = [m for m in metrics.shown() if m.where.axis is None or m.where.axis in axis]
+    rows = [[_cell(row[axis]), *(_mean_std(row, m.name, m.digits) for m in shown), _n(row)]
             for _, row in table.iterrows()]
-    return _markdown([axis, *(header for _, header in shown), "n"], rows)
+    return _markdown([axis, *(m.header for m in shown), "n"], rows)

@@ -21,6 +21,8 @@ from vae_sweeps.priors import Prior, gaussian_log_prob
 class LaplacePrior(Prior):
     """Laplace(0, ``scale``) in every latent dimension: ln p(z_j) = -ln(2 b) - |z_j| / b."""
 
+    metric_names = ("kl_exact", "kl_mc", "kl_mc_gap")  # what ``metrics`` returns: a back-fill looks for each
+
     def __init__(self, latent_dim: int, scale: float = 1.0):
         super().__init__(latent_dim)
         ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0

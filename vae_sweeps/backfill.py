@@ -1,19 +1,20 @@
-"""The evaluation of a trained run, at its end or later: ``python -m vae_sweeps.evaluate``.
+"""The evaluation of a trained run, at its end or later: ``python -m vae_sweeps.backfill``.
 
-Every run ends with this evaluation (train.py). A run trained before a part of it existed
-gets that part later, without retraining: this command loads each FINISHED run's checkpoint
-from MLflow, computes the parts the run lacks, and logs them into the same run, at the step of
-its last epoch, with the tag ``eval_version`` (and ``eval_backfilled``, the version that filled
-it). A second call finds nothing to do.
+Every run ends with this evaluation (train.py: ``compute`` with every part of ``PARTS``, then
+tracking.log_evaluation). A run trained before one of its metrics existed gets it later, without
+retraining: this command looks in each FINISHED run for every metric of the registry
+(metrics.py) that applies to it, and for a run that lacks some it loads the run's checkpoint from
+MLflow, computes the parts that compute them, and logs the metrics it lacked into the same run,
+at the step of its last epoch (the metrics it has stay as they are). A second call finds
+nothing to do.
 
-    python -m vae_sweeps.evaluate                            # every FINISHED run that lacks a part
-    python -m vae_sweeps.evaluate model.name=mlp3 data.name=mnist --dry-run
-    python -m vae_sweeps.evaluate --tracking-uri http://127.0.0.1:5000 --data-root ../shared/datasets
+    python -m vae_sweeps.backfill                            # every FINISHED run that lacks a metric
+    python -m vae_sweeps.backfill model.name=mlp3 data.name=mnist --dry-run
+    python -m vae_sweeps.backfill --tracking-uri http://127.0.0.1:5000 --data-root ../shared/datasets
 
-The parts (``PARTS``: a part, and one metric that every run with that part has):
-``evaluation`` (evaluation.py: ELBO, IW log p(x), reconstructions, active units, k-NN,
-sharpness) and ``judge`` (judge.py: judged accuracy per class, classes drawn, the class
-entropy of prior samples).
+The parts (``PARTS``): ``evaluation`` (evaluation.py: ELBO, IW log p(x), reconstructions,
+active units, k-NN, sharpness, the prior's own) and ``judge`` (judge.py: judged accuracy per
+class, classes drawn, the class entropy of prior samples).
 """
 
 from __future__ import annotations
@@ -21,33 +22,26 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
-import math
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 import yaml
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from vae_sweeps import evaluation, identity, judge, options, store, tracking
+from vae_sweeps import evaluation, identity, judge, metrics, options, store, tracking
 from vae_sweeps.errors import UserError
 
-log = logging.getLogger(__name__)
-
-EVAL_VERSION = "2"  # 1: the evaluation part; 2: and the judge part
-PARTS = {"evaluation": "test/knn_accuracy", "judge": "test/judged_accuracy"}
-CONF = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
+# The tag ``eval_version`` of an evaluated run (and ``eval_backfilled``: the version that filled
+# it): 1, the evaluation part; 2, and the judge part. A record for the reader only: the back-fill
+# looks for each metric (metrics.py), not at this tag, so a new metric needs no new version.
+EVAL_VERSION = "2"
 
 
 class NoRunMatches(Exception):
-    """The filters of ``python -m vae_sweeps.evaluate`` match no FINISHED run: exit status 1."""
-
-
-def missing_parts(metrics: dict) -> list[str]:
-    return [part for part, metric in PARTS.items() if metric not in metrics]
+    """The filters of ``python -m vae_sweeps.backfill`` match no FINISHED run: exit status 1."""
 
 
 def judges_experiment(uri: str, experiment: str) -> tuple[MlflowClient, str]:
@@ -55,46 +49,49 @@ def judges_experiment(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     return store.open_store(uri, f"{experiment}-judges")
 
 
+def evaluation_part(vae, datamodule, settings: dict, uri: str, experiment: str) -> tuple[dict, dict]:
+    """The test metrics of evaluation.py, with the run's ``eval.iw_samples`` and ``eval.knn_k``."""
+    found = evaluation.evaluate(vae, datamodule.splits, int(settings["eval.iw_samples"]), int(settings["eval.knn_k"]))
+    return found, {}
+
+
+def judge_part(vae, datamodule, settings: dict, uri: str, experiment: str) -> tuple[dict, dict]:
+    """The judged metrics of judge.py and the tag ``classes_drawn``, by the dataset's judge
+    (trained once per store and dataset, in the experiment ``judges_experiment`` names)."""
+    client, judges = judges_experiment(uri, experiment)
+    epochs = int(settings["eval.judge_epochs"])
+    dataset = judge.data_key(settings["data.name"], datamodule)
+    with store.lock(uri, f"judge-{dataset}-{epochs}"):  # parallel jobs train it once
+        the_judge = judge.load_or_train(client, judges, dataset, datamodule.splits, epochs)
+    the_judge = the_judge.to(next(vae.parameters()).device)
+    judged, drawn = judge.judge_metrics(the_judge, vae, datamodule.splits["test"], int(settings["seed"]))
+    return judged, {"classes_drawn": drawn}
+
+
+# Each part of the evaluation (the ``part`` of metrics.py's entries) -> the function that computes
+# its (metrics, tags) for a trained VAE, in the order they run: the evaluation's Monte Carlo draws
+# come from the run's seed, before anything else draws.
+PARTS = {"evaluation": evaluation_part, "judge": judge_part}
+
+
 def compute(parts: list[str], vae, datamodule, settings: dict, uri: str, experiment: str
             ) -> tuple[dict[str, float], dict[str, str]]:
-    """(metrics, tags) of the evaluation ``parts`` for a trained VAE; ``settings`` are the run's
-    params (``eval.*``, ``seed``), completed with today's defaults."""
-    metrics, tags = {}, {}
-    if "evaluation" in parts:
-        metrics.update(evaluation.evaluate(vae, datamodule.splits, int(settings["eval.iw_samples"]),
-                                           int(settings["eval.knn_k"])))
-    if "judge" in parts:
-        client, judges = judges_experiment(uri, experiment)
-        epochs = int(settings["eval.judge_epochs"])
-        dataset = judge.data_key(settings["data.name"], datamodule)
-        with store.lock(uri, f"judge-{dataset}-{epochs}"):  # parallel jobs train it once
-            the_judge = judge.load_or_train(client, judges, dataset, datamodule.splits, epochs)
-        the_judge = the_judge.to(next(vae.parameters()).device)
-        judged, drawn = judge.judge_metrics(the_judge, vae, datamodule.splits["test"], int(settings["seed"]))
-        metrics.update(judged)
-        tags["classes_drawn"] = drawn
-    return metrics, {**tags, "eval_version": EVAL_VERSION}
-
-
-def log_evaluation(client, run_id: str, metrics: dict, tags: dict, step: int) -> None:
-    tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if not math.isnan(v)}, step)
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    """(metrics, tags) of the evaluation ``parts`` for a trained VAE, run in the order of
+    ``PARTS``; ``settings`` are the run's params (``eval.*``, ``seed``), completed with today's
+    defaults."""
+    unknown = [name for name in parts if name not in PARTS]
+    if unknown:  # an entry of metrics.py whose part has no function here
+        raise ValueError(f"no part {', '.join(unknown)} in backfill.PARTS")
+    values, tags = {}, {}
+    for name, part in PARTS.items():
+        if name in parts:
+            found, its_tags = part(vae, datamodule, settings, uri, experiment)
+            values.update(found)
+            tags.update(its_tags)
+    return values, {**tags, "eval_version": EVAL_VERSION}
 
 
 # ---------------------------------------------------------------------------- back-filling tracked runs
-
-
-def _matches(settings: dict[str, str], filters: dict[str, str]) -> bool:
-    def same(a: str | None, b: str) -> bool:
-        if a is None:
-            return False
-        try:
-            return float(a) == float(b)
-        except ValueError:
-            return a == b
-
-    return all(same(settings.get(key), value) for key, value in filters.items())
 
 
 def finished_runs(client, experiment: str) -> list[tuple[object, dict[str, str]]]:
@@ -103,14 +100,14 @@ def finished_runs(client, experiment: str) -> list[tuple[object, dict[str, str]]
             for run in store.every_run(client, experiment, "attributes.status = 'FINISHED'")]
 
 
-def pending(client, experiment: str, filters: dict[str, str], runs=None) -> list[tuple[object, list[str]]]:
-    """(run, the parts it lacks) for every FINISHED run of ``experiment`` that matches
-    ``filters`` and lacks a part (``runs``: finished_runs, if the caller has them)."""
+def pending(client, experiment: str, filters: dict[str, str], runs=None) -> list[tuple[object, dict[str, list[str]]]]:
+    """(run, part -> the metrics of it that the run lacks: metrics.lacking) for every FINISHED
+    run of ``experiment`` that matches ``filters`` and lacks a metric (``runs``: finished_runs,
+    if the caller has them)."""
     todo = []
     for run, settings in finished_runs(client, experiment) if runs is None else runs:
-        parts = missing_parts(run.data.metrics)
-        if parts and _matches(settings, filters):
-            todo.append((run, parts))
+        if identity.matches(settings, filters) and (lacks := metrics.lacking(run.data.metrics, settings)):
+            todo.append((run, lacks))
     return todo
 
 
@@ -125,13 +122,13 @@ def check_filters(runs: list[tuple[object, dict[str, str]]], filters: dict[str, 
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise UserError(f"{', '.join(unknown)} is not a param of any run{hint}: filters are KEY=VALUE params, as the "
                         "MLflow runs show them, e.g. model.name=mlp3 seed=0.")
-    if not filters or any(_matches(settings, filters) for _, settings in runs):
+    if not filters or any(identity.matches(settings, filters) for _, settings in runs):
         return
     if not runs:
         raise NoRunMatches(f"Experiment {experiment!r} has no FINISHED run to filter (--experiment, --tracking-uri).")
     misses = []
     for key, value in filters.items():
-        if not any(_matches(settings, {key: value}) for _, settings in runs):
+        if not any(identity.matches(settings, {key: value}) for _, settings in runs):
             have = sorted({settings[key] for _, settings in runs if key in settings})
             misses.append(f"{key}={value} (the runs have {', '.join(have[:12]) + (', ...' if len(have) > 12 else '')})"
                           if have else f"{key}={value} (no run has {key})")
@@ -171,15 +168,15 @@ def backfill(uri: str, experiment: str, filters: dict[str, str], data_root: str,
     runs = finished_runs(client, experiment)
     check_filters(runs, filters, experiment)
     todo = pending(client, experiment, filters, runs)
-    print(f"{len(todo)} FINISHED run(s) lack part of the evaluation (version {EVAL_VERSION})"
-          + ("." if not todo else ":"))
-    for run, parts in todo:
-        print(f"  {run.info.run_name} ({run.info.run_id[:8]}): {', '.join(parts)}")
+    print(f"{len(todo)} FINISHED run(s) lack metrics of the evaluation" + ("." if not todo else ":"))
+    for run, lacks in todo:
+        print(f"  {run.info.run_name} ({run.info.run_id[:8]}): "
+              + "; ".join(f"{part} ({', '.join(names)})" for part, names in lacks.items()))
     if dry_run or not todo:
         return len(todo)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     datamodules = {}
-    for run, parts in todo:
+    for run, lacks in todo:
         settings = identity.completed(run.data.params)
         datamodule = datamodules.get(data_key := data_option(settings, data_root))
         if datamodule is None:
@@ -190,18 +187,21 @@ def backfill(uri: str, experiment: str, filters: dict[str, str], data_root: str,
             module = VAEModule.load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
         datamodule.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in datamodule.splits.items()}
         torch.manual_seed(int(settings["seed"]))  # the evaluation's Monte Carlo draws
-        metrics, tags = compute(parts, module.vae.eval(), datamodule, settings, uri, experiment)
+        values, tags = compute(list(lacks), module.vae.eval(), datamodule, settings, uri, experiment)
+        new = {key: value for key, value in values.items() if key not in run.data.metrics}  # the others stay
+        tags = {key: value for key, value in tags.items() if key not in run.data.tags}
         history = client.get_metric_history(run.info.run_id, "train/loss")
         step = max((m.step for m in history), default=int(settings["trainer.max_epochs"]))
-        log_evaluation(client, run.info.run_id, metrics, {**tags, "eval_backfilled": EVAL_VERSION}, step)
-        print(f"  filled {run.info.run_name}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
-                                                          if k in PARTS.values()))
+        tracking.log_evaluation(client, run.info.run_id, new,
+                       {**tags, "eval_version": EVAL_VERSION, "eval_backfilled": EVAL_VERSION}, step)
+        print(f"  filled {run.info.run_name}: {len(new)} metric(s)"
+              + "".join(f", {m.key} {new[m.key]:.3f}" for m in metrics.shown() if m.key in new))
     return len(todo)
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = OmegaConf.load(CONF)
-    parser = argparse.ArgumentParser(prog="python -m vae_sweeps.evaluate", description=__doc__.split("\n\n")[0])
+    defaults = OmegaConf.load(identity.CONF_DIR / "config.yaml")
+    parser = argparse.ArgumentParser(prog="python -m vae_sweeps.backfill", description=__doc__.split("\n\n")[0])
     parser.add_argument("filters", nargs="*", metavar="KEY=VALUE",
                         help="only runs whose params match, e.g. model.name=mlp3 seed=0")
     parser.add_argument("--tracking-uri", default=defaults.tracking.uri,
