@@ -7,7 +7,7 @@ import torch
 from conftest import N_TEST, all_runs, compose_tiny, fake_digits, tmp_store
 from torch import nn
 
-from vae_sweeps import backfill, identity, judge, metrics
+from vae_sweeps import backfill, evaluation, identity, judge, metrics
 from vae_sweeps.data import MNIST, to_tensors
 from vae_sweeps.train import train
 
@@ -69,7 +69,7 @@ def test_judged_metrics_count_what_the_decoder_draws_and_gets_right(digits):
 def test_the_judge_is_stored_once_and_reused(tmp_path, digits, monkeypatch):
     x, y, _ = digits
     splits = {"train": (x[:150], y[:150]), "val": (x[150:], y[150:]), "test": to_tensors(*fake_digits(50, 1))}
-    client, experiment = backfill.judges_experiment(f"sqlite:///{tmp_path}/mlflow.db", "study")
+    client, experiment = evaluation.judges_experiment(f"sqlite:///{tmp_path}/mlflow.db", "study")
     calls = []
     original = judge.fit
     monkeypatch.setattr(judge, "fit", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -88,8 +88,8 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_tiny(tmp_path, tiny_root, "model=mlp2", "model.hidden=[64]", "trainer.max_epochs=1")
     with monkeypatch.context() as before:
-        before.setattr(backfill, "PARTS", {"evaluation": backfill.PARTS["evaluation"]})
-        before.setattr(backfill, "EVAL_VERSION", "1")
+        before.setattr(evaluation, "PARTS", {"evaluation": evaluation.PARTS["evaluation"]})
+        before.setattr(evaluation, "EVAL_VERSION", "1")
         result = train(cfg)
     client = tmp_store(tmp_path)
     run = client.get_run(result["run_id"])
@@ -105,7 +105,7 @@ def test_a_run_from_before_the_judge_is_back_filled_once(tmp_path, tiny_root, mo
     backfill.main(args)
     assert "Downloading artifacts" not in capfd.readouterr().err  # no progress bar per run
     run = client.get_run(result["run_id"])
-    assert run.data.tags["eval_version"] == backfill.EVAL_VERSION == run.data.tags["eval_backfilled"]
+    assert run.data.tags["eval_version"] == evaluation.EVAL_VERSION == run.data.tags["eval_backfilled"]
     assert 0 <= run.data.metrics["test/judged_accuracy"] <= 1
     drawn = run.data.tags["classes_drawn"]
     assert (len(drawn.split()) if drawn != "none" else 0) == run.data.metrics["test/classes_drawn"]
@@ -127,14 +127,14 @@ def test_a_new_metric_is_back_filled_into_a_run_that_has_every_other(tmp_path, t
     before = client.get_run(result["run_id"]).data
     assert metrics.lacking(before.metrics, identity.completed(before.params)) == {}  # the registry is what a run logs
 
-    evaluation_part = backfill.PARTS["evaluation"]
+    evaluation_part = evaluation.PARTS["evaluation"]
 
     def evaluation_and_count(vae, datamodule, *rest):  # a new metric of the evaluation part
         found, tags = evaluation_part(vae, datamodule, *rest)
         return {**found, "test/test_images": float(len(datamodule.splits["test"][0]))}, tags
 
-    monkeypatch.setitem(backfill.PARTS, "evaluation", evaluation_and_count)
-    monkeypatch.setitem(backfill.PARTS, "extra", lambda vae, *rest: ({"test/latent_dims": float(vae.latent_dim)}, {}))
+    monkeypatch.setitem(evaluation.PARTS, "evaluation", evaluation_and_count)
+    monkeypatch.setitem(evaluation.PARTS, "extra", lambda vae, *rest: ({"test/latent_dims": float(vae.latent_dim)}, {}))
     monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, metrics.Metric("test_images", "evaluation"),
                                              metrics.Metric("latent_dims", "extra")))
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -149,7 +149,7 @@ def test_a_new_metric_is_back_filled_into_a_run_that_has_every_other(tmp_path, t
                for key in before.metrics if key.startswith("test/"))  # logged once, at the run's end
     step = client.get_metric_history(run.info.run_id, "test/knn_accuracy")[0].step
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/test_images")] == [step]
-    assert after.tags["eval_backfilled"] == backfill.EVAL_VERSION
+    assert after.tags["eval_backfilled"] == evaluation.EVAL_VERSION
     assert backfill.pending(client, "vae_sweeps", {}) == []  # nothing left to do
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import all_runs, job_env, prepared_store, slowed_cli, tmp_store
 
-from vae_sweeps import backfill, judge
+from vae_sweeps import evaluation, judge
 from vae_sweeps.data import MNIST, load_arrays, to_tensors
 
 DATA = Path(os.environ.get("VAE_SWEEPS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
@@ -29,7 +29,7 @@ def tiny_judge(tmp_path):
     the real judge (60,000 images, 5 epochs, minutes) is not trained in the tests."""
     x, y = to_tensors(*load_arrays("mnist", DATA, download_missing=False)["train"])
     splits = {"train": (x[:800], y[:800]), "val": (x[800:1000], y[800:1000]), "test": (x[1000:1200], y[1000:1200])}
-    client, experiment = backfill.judges_experiment(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    client, experiment = evaluation.judges_experiment(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
     key = judge.data_key("mnist", MNIST(root=str(DATA), download=False))  # the runs' judge
     judge.load_or_train(client, experiment, key, splits, epochs=5)  # eval.judge_epochs' default
 

@@ -1,7 +1,8 @@
 """The evaluation of a trained run, at its end or later: ``python -m vae_sweeps.backfill``.
 
-Every run ends with this evaluation (train.py: ``compute`` with every part of ``PARTS``, then
-tracking.log_evaluation). A run trained before one of its metrics existed gets it later, without
+Every run ends with this evaluation (train.py: evaluation.compute with every part of
+evaluation.PARTS, then tracking.log_evaluation). A run trained before one of its metrics
+existed gets it later, without
 retraining: this command looks in each FINISHED run for every metric of the registry
 (metrics.py) that applies to it, and for a run that lacks some it loads the run's checkpoint from
 MLflow, computes the parts that compute them, and logs the metrics it lacked into the same run,
@@ -12,9 +13,9 @@ nothing to do.
     python -m vae_sweeps.backfill model.name=mlp3 data.name=mnist --dry-run
     python -m vae_sweeps.backfill --tracking-uri http://127.0.0.1:5000 --data-root ../shared/datasets
 
-The parts (``PARTS``): ``evaluation`` (evaluation.py: ELBO, IW log p(x), reconstructions,
-active units, k-NN, sharpness, the prior's own) and ``judge`` (judge.py: judged accuracy per
-class, classes drawn, the class entropy of prior samples).
+The parts are evaluation.PARTS: ``evaluation`` (ELBO, IW log p(x), reconstructions, active
+units, k-NN, sharpness, the prior's own) and ``judge`` (judge.py: judged accuracy per class,
+classes drawn, the class entropy of prior samples).
 """
 
 from __future__ import annotations
@@ -31,64 +32,11 @@ import yaml
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from vae_sweeps import evaluation, identity, judge, metrics, options, store, tracking
+from vae_sweeps import evaluation, identity, metrics, options, store, tracking
 from vae_sweeps.errors import UserError
-
-# The tag ``eval_version`` of an evaluated run (and ``eval_backfilled``: the version that filled
-# it): 1, the evaluation part; 2, and the judge part. A record for the reader only: the back-fill
-# looks for each metric (metrics.py), not at this tag, so a new metric needs no new version.
-EVAL_VERSION = "2"
-
 
 class NoRunMatches(Exception):
     """The filters of ``python -m vae_sweeps.backfill`` match no FINISHED run: exit status 1."""
-
-
-def judges_experiment(uri: str, experiment: str) -> tuple[MlflowClient, str]:
-    """The store's experiment that holds the judges of ``experiment``'s runs."""
-    return store.open_store(uri, f"{experiment}-judges")
-
-
-def evaluation_part(vae, datamodule, settings: dict, uri: str, experiment: str) -> tuple[dict, dict]:
-    """The test metrics of evaluation.py, with the run's ``eval.iw_samples`` and ``eval.knn_k``."""
-    found = evaluation.evaluate(vae, datamodule.splits, int(settings["eval.iw_samples"]), int(settings["eval.knn_k"]))
-    return found, {}
-
-
-def judge_part(vae, datamodule, settings: dict, uri: str, experiment: str) -> tuple[dict, dict]:
-    """The judged metrics of judge.py and the tag ``classes_drawn``, by the dataset's judge
-    (trained once per store and dataset, in the experiment ``judges_experiment`` names)."""
-    client, judges = judges_experiment(uri, experiment)
-    epochs = int(settings["eval.judge_epochs"])
-    dataset = judge.data_key(settings["data.name"], datamodule)
-    with store.lock(uri, f"judge-{dataset}-{epochs}"):  # parallel jobs train it once
-        the_judge = judge.load_or_train(client, judges, dataset, datamodule.splits, epochs)
-    the_judge = the_judge.to(next(vae.parameters()).device)
-    judged, drawn = judge.judge_metrics(the_judge, vae, datamodule.splits["test"], int(settings["seed"]))
-    return judged, {"classes_drawn": drawn}
-
-
-# Each part of the evaluation (the ``part`` of metrics.py's entries) -> the function that computes
-# its (metrics, tags) for a trained VAE, in the order they run: the evaluation's Monte Carlo draws
-# come from the run's seed, before anything else draws.
-PARTS = {"evaluation": evaluation_part, "judge": judge_part}
-
-
-def compute(parts: list[str], vae, datamodule, settings: dict, uri: str, experiment: str
-            ) -> tuple[dict[str, float], dict[str, str]]:
-    """(metrics, tags) of the evaluation ``parts`` for a trained VAE, run in the order of
-    ``PARTS``; ``settings`` are the run's params (``eval.*``, ``seed``), completed with today's
-    defaults."""
-    unknown = [name for name in parts if name not in PARTS]
-    if unknown:  # an entry of metrics.py whose part has no function here
-        raise ValueError(f"no part {', '.join(unknown)} in backfill.PARTS")
-    values, tags = {}, {}
-    for name, part in PARTS.items():
-        if name in parts:
-            found, its_tags = part(vae, datamodule, settings, uri, experiment)
-            values.update(found)
-            tags.update(its_tags)
-    return values, {**tags, "eval_version": EVAL_VERSION}
 
 
 # ---------------------------------------------------------------------------- back-filling tracked runs
@@ -187,13 +135,13 @@ def backfill(uri: str, experiment: str, filters: dict[str, str], data_root: str,
             module = VAEModule.load_from_checkpoint(checkpoint, map_location=device, weights_only=True)
         datamodule.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in datamodule.splits.items()}
         torch.manual_seed(int(settings["seed"]))  # the evaluation's Monte Carlo draws
-        values, tags = compute(list(lacks), module.vae.eval(), datamodule, settings, uri, experiment)
+        values, tags = evaluation.compute(list(lacks), module.vae.eval(), datamodule, settings, uri, experiment)
         new = {key: value for key, value in values.items() if key not in run.data.metrics}  # the others stay
         tags = {key: value for key, value in tags.items() if key not in run.data.tags}
         history = client.get_metric_history(run.info.run_id, "train/loss")
         step = max((m.step for m in history), default=int(settings["trainer.max_epochs"]))
         tracking.log_evaluation(client, run.info.run_id, new,
-                       {**tags, "eval_version": EVAL_VERSION, "eval_backfilled": EVAL_VERSION}, step)
+                       {**tags, "eval_version": evaluation.EVAL_VERSION, "eval_backfilled": evaluation.EVAL_VERSION}, step)
         print(f"  filled {run.info.run_name}: {len(new)} metric(s)"
               + "".join(f", {m.key} {new[m.key]:.3f}" for m in metrics.shown() if m.key in new))
     return len(todo)

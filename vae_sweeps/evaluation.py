@@ -25,7 +25,9 @@
 
 Each of these is an entry of the registry (metrics.py), which the tables and the back-fill
 read: a metric added here needs its entry there, and ``tests/test_evaluation.py`` checks that
-the two agree.
+the two agree. A run computes them in *parts* (``PARTS``: this module's ``evaluation`` and
+judge.py's ``judge``), at its end (train.py) or later (the back-fill, backfill.py), through
+``compute``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mlflow import MlflowClient
+
+from vae_sweeps import judge, store
 from vae_sweeps.losses import RECON_LOSSES
 from vae_sweeps.priors import gaussian_log_prob
 
@@ -143,3 +148,58 @@ def evaluate(vae, splits: dict, iw_samples: int, knn_k: int, batch: int = 1000) 
     vae.train(was_training)
     return metrics
 
+
+# ---------------------------------------------------------------------------- the parts, as a run computes them
+
+
+# The tag ``eval_version`` of an evaluated run (and ``eval_backfilled``: the version that filled
+# it): 1, the evaluation part; 2, and the judge part. A record for the reader only: the back-fill
+# looks for each metric (metrics.py), not at this tag, so a new metric needs no new version.
+EVAL_VERSION = "2"
+
+
+def judges_experiment(uri: str, experiment: str) -> tuple[MlflowClient, str]:
+    """The store's experiment that holds the judges of ``experiment``'s runs."""
+    return store.open_store(uri, f"{experiment}-judges")
+
+
+def evaluation_part(vae, datamodule, settings: dict, uri: str, experiment: str) -> tuple[dict, dict]:
+    """The test metrics of evaluation.py, with the run's ``eval.iw_samples`` and ``eval.knn_k``."""
+    found = evaluate(vae, datamodule.splits, int(settings["eval.iw_samples"]), int(settings["eval.knn_k"]))
+    return found, {}
+
+
+def judge_part(vae, datamodule, settings: dict, uri: str, experiment: str) -> tuple[dict, dict]:
+    """The judged metrics of judge.py and the tag ``classes_drawn``, by the dataset's judge
+    (trained once per store and dataset, in the experiment ``judges_experiment`` names)."""
+    client, judges = judges_experiment(uri, experiment)
+    epochs = int(settings["eval.judge_epochs"])
+    dataset = judge.data_key(settings["data.name"], datamodule)
+    with store.lock(uri, f"judge-{dataset}-{epochs}"):  # parallel jobs train it once
+        the_judge = judge.load_or_train(client, judges, dataset, datamodule.splits, epochs)
+    the_judge = the_judge.to(next(vae.parameters()).device)
+    judged, drawn = judge.judge_metrics(the_judge, vae, datamodule.splits["test"], int(settings["seed"]))
+    return judged, {"classes_drawn": drawn}
+
+
+# Each part of the evaluation (the ``part`` of metrics.py's entries) -> the function that computes
+# its (metrics, tags) for a trained VAE, in the order they run: the evaluation's Monte Carlo draws
+# come from the run's seed, before anything else draws.
+PARTS = {"evaluation": evaluation_part, "judge": judge_part}
+
+
+def compute(parts: list[str], vae, datamodule, settings: dict, uri: str, experiment: str
+            ) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, tags) of the evaluation ``parts`` for a trained VAE, run in the order of
+    ``PARTS``; ``settings`` are the run's params (``eval.*``, ``seed``), completed with today's
+    defaults."""
+    unknown = [name for name in parts if name not in PARTS]
+    if unknown:  # an entry of metrics.py whose part has no function here
+        raise ValueError(f"no part {', '.join(unknown)} in evaluation.PARTS")
+    values, tags = {}, {}
+    for name, part in PARTS.items():
+        if name in parts:
+            found, its_tags = part(vae, datamodule, settings, uri, experiment)
+            values.update(found)
+            tags.update(its_tags)
+    return values, {**tags, "eval_version": EVAL_VERSION}

@@ -1,16 +1,16 @@
 """The registry of the end-of-run metrics: one entry per metric, read by everyone who needs them.
 
-The evaluation at a run's end (``backfill.compute``) runs the *parts* that compute these
+The evaluation at a run's end (``evaluation.compute``) runs the *parts* that compute these
 metrics; the tables (tables.py) show the ones with a header, with their digits; and the back-fill
 (``python -m vae_sweeps.backfill``) looks for each metric that applies to a run and computes the
 parts of those it lacks. So a new metric is one entry here (and, for a new part, its function
-in ``backfill.PARTS``): old runs get it from the next back-fill, and the tables a column.
+in ``evaluation.PARTS``): old runs get it from the next back-fill, and the tables a column.
 
 An entry (``Metric``) holds:
 
 - ``name``: the MLflow metric ``test/<name>``; ``<k>`` in it stands for a class index
   (``judged_accuracy_<k>``: one metric per class, a run has it if it has one of them);
-- ``part``: the part of the evaluation that computes it (a key of ``backfill.PARTS``);
+- ``part``: the part of the evaluation that computes it (a key of ``evaluation.PARTS``);
 - ``header`` and ``digits``: its column in the tables' evaluation table (no header: none);
 - ``where``: the runs that have it, if not every run (``Where``).
 
@@ -33,10 +33,7 @@ from vae_sweeps.errors import UserError
 def _prior_class(target: str | None) -> type:
     from hydra.utils import get_class
 
-    from vae_sweeps.priors import Prior
-
-    if not target:
-        return Prior
+    target = target or "vae_sweeps.priors.Prior"  # by name, as a run's params name it: no import here
     try:
         return get_class(target)
     except Exception as err:  # a user's prior whose package is not on the path here

@@ -15,7 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vae_sweeps import backfill, devices, identity, options, runs
+from vae_sweeps import devices, evaluation, identity, options, runs
 from vae_sweeps.module import VAEModule
 from vae_sweeps.options import plain
 
@@ -118,7 +118,7 @@ def train(cfg: DictConfig) -> dict:
         trainer = make_trainer(cfg, [run.epoch_end], Path(cfg.paths.output_dir))
         trainer.fit(module, datamodule=datamodule, ckpt_path=run.resume_from, weights_only=True)
         test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-        metrics, tags = backfill.compute(list(backfill.PARTS), module.vae, datamodule, identity.params(cfg),
-                                         run.uri, run.experiment)
+        metrics, tags = evaluation.compute(list(evaluation.PARTS), module.vae, datamodule, identity.params(cfg),
+                                           run.uri, run.experiment)
         run.finish({**test, **metrics}, tags, module.vae, datamodule)
     return run.result

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from vae_sweeps.losses import RECON_LOSSES
-from vae_sweeps.priors import Prior
 
 
 class VAE(nn.Module):
@@ -17,7 +16,7 @@ class VAE(nn.Module):
     ``recon`` and ``kl`` (with c = 1, BCE and the standard prior, loss is -ELBO).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: Prior, recon: str = "bce", c: float = 1.0):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, recon: str = "bce", c: float = 1.0):
         super().__init__()
         self.encoder, self.decoder, self.prior = encoder, decoder, prior
         self.latent_dim, self.recon, self.c = prior.latent_dim, recon, c
