@@ -107,7 +107,7 @@ def project_path(tmp: Path, epochs: int, device: torch.device, overrides=EXAMPLE
 
 def examples_vae(device: torch.device) -> VAE:
     encoder, decoder = models.mlp(20, [400], layers=2, image_shape=IMAGE_SHAPE)
-    return VAE(encoder, decoder, StandardPrior(20), recon="bce", c=1.0).to(device)
+    return VAE(encoder, decoder, StandardPrior(20), c=1.0).to(device)
 
 
 class PlainLoop:

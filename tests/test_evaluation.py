@@ -7,6 +7,7 @@ import torch
 
 from vae_sweeps import evaluation, identity, metrics, models, options
 from vae_sweeps.errors import UserError
+from vae_sweeps.losses import RECON_LOSSES, recon_loss
 from vae_sweeps.priors import MixturePrior, NoPrior, StandardPrior
 from vae_sweeps.vae import VAE
 
@@ -117,7 +118,7 @@ def test_log_px_is_the_bernoulli_with_c_1_whatever_the_loss_and_c():
     bce = VAE(FixedPosterior(), ConstantDecoder(), StandardPrior(2)).recon_loss(logits, images).mean().item()
     l2 = (torch.sigmoid(logits) - images).square().flatten(1).sum(1).mean().item()
     kl = StandardPrior(2).kl(torch.full((1, 2), 0.5), torch.full((1, 2), 0.5).log(), None).item()
-    vae = VAE(FixedPosterior(), ConstantDecoder(), StandardPrior(2), recon="l2", c=4.0)
+    vae = VAE(FixedPosterior(), ConstantDecoder(), StandardPrior(2), recon_loss=RECON_LOSSES["l2"], c=4.0)
     torch.manual_seed(0)
     bounds = evaluation.elbo_and_log_px(vae, images, k=4000)
     assert set(bounds) == {"", "_objective"}
@@ -144,7 +145,8 @@ def test_the_registry_names_what_the_evaluation_computes(overrides):
     they are what the evaluation part computes for that run's prior and loss."""
     cfg = identity.compose([*overrides, "model.latent_dim=2", "paths.output_dir=."])
     prior = options.build("prior", cfg.prior, latent_dim=2)
-    vae = VAE(*models.mlp(2, [32], layers=2, image_shape=(1, 28, 28)), prior, recon=cfg.loss.name, c=cfg.loss.c)
+    vae = VAE(*models.mlp(2, [32], layers=2, image_shape=(1, 28, 28)), prior,
+              recon_loss=recon_loss(cfg.loss), c=cfg.loss.c)
     computed = evaluation.evaluate(vae, splits(), iw_samples=4, knn_k=3)
     expected = {m.key for m in metrics.expected(identity.params(cfg)) if m.part == "evaluation"}
     assert set(computed) == expected

@@ -58,7 +58,7 @@ def test_losses_sum_per_image_over_pixels():
 
 @pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
 def test_vae_loss_is_c_recon_plus_kl_averaged_over_the_batch(c):
-    vae = VAE(torch.nn.Identity(), torch.nn.Identity(), StandardPrior(2), recon="l1", c=c)
+    vae = VAE(torch.nn.Identity(), torch.nn.Identity(), StandardPrior(2), recon_loss=l1, c=c)
     x = TARGET.repeat(2, 1)
     mu = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     out = {"logits": LOGITS.repeat(2, 1), "mu": mu, "z": mu,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from vae_sweeps import options
+from vae_sweeps import losses, options
 from vae_sweeps.optimizers import FUSED, OPTIMIZERS
 from vae_sweeps.vae import VAE
 
@@ -17,11 +17,11 @@ CHECK_EVERY = 100
 
 
 def build_vae(model: dict, prior: dict, loss: dict, image_shape: tuple[int, ...]) -> VAE:
-    """The VAE of these options (the configs of the ``model`` and ``prior`` axes, the ``loss``
-    settings) for images of ``image_shape``."""
+    """The VAE of these options (the configs of the ``model``, ``prior`` and ``loss`` axes) for
+    images of ``image_shape``."""
     encoder, decoder = options.build("model", model, image_shape=tuple(image_shape))
     prior = options.build("prior", prior, latent_dim=model["latent_dim"])
-    return VAE(encoder, decoder, prior, recon=loss["name"], c=loss["c"])
+    return VAE(encoder, decoder, prior, recon_loss=losses.recon_loss(loss), c=loss["c"])
 
 
 class NonFiniteLoss(RuntimeError):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from vae_sweeps.losses import RECON_LOSSES
+from vae_sweeps.losses import bce
 
 
 class VAE(nn.Module):
@@ -16,11 +18,11 @@ class VAE(nn.Module):
     ``recon`` and ``kl`` (with c = 1, BCE and the standard prior, loss is -ELBO).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, recon: str = "bce", c: float = 1.0):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, recon_loss: Callable = bce,
+                 c: float = 1.0):
         super().__init__()
         self.encoder, self.decoder, self.prior = encoder, decoder, prior
-        self.latent_dim, self.recon, self.c = prior.latent_dim, recon, c
-        self.recon_loss = RECON_LOSSES[recon]
+        self.latent_dim, self.recon_loss, self.c = prior.latent_dim, recon_loss, c
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=1)
