@@ -13,6 +13,4 @@ import torch.nn.functional as F
 def huber(logits: torch.Tensor, x: torch.Tensor, delta: float = 0.1) -> torch.Tensor:
     """sum_i h(sigmoid(logit_i) - x_i) per image, h(r) = r^2 / 2 for |r| <= delta, else
     delta * (|r| - delta / 2)."""
-    if not delta > 0:
-        raise ValueError(f"loss.delta={delta!r} is not allowed: it must be a number above 0, e.g. loss.delta=0.1")
     return F.huber_loss(torch.sigmoid(logits), x, delta=delta, reduction="none").flatten(1).sum(1)
