@@ -237,8 +237,10 @@ def validate_tracking(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first value that is not allowed; then store float settings
-    as floats, so that ``loss.c=1`` and ``loss.c=1.0`` log (and group) as one setting."""
+    """Raise ConfigError on the first value that is not allowed. Changes nothing in ``cfg``: the
+    run identity normalises its own values (``loss.c=1`` is ``loss.c=1.0``, identity.params).
+    Run once where a job enters (vae_sweeps/__main__.py), and by the study sweeper for every job
+    before any starts."""
     model, loss = cfg.model, cfg.loss
     options.check_name("model", model)
     _int_at_least("model.latent_dim", model.latent_dim, 1, "2 (the study uses 1, 2, 5, 10, 20)")
@@ -271,6 +273,3 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("threads") is not None:
         _int_at_least("threads", cfg.threads, 1, "2")
     validate_tracking(cfg)
-
-    loss.c = float(loss.c)
-    cfg.optim.lr = float(cfg.optim.lr)
