@@ -1,6 +1,6 @@
 """The package's layout keeps its promises: imports stack at most 5 layers, nothing outside
 priors.py names a particular prior, and checking a config loads no Lightning (importing the
-modules that check it, and calling the check)."""
+modules that check it, and calling the check), and importing a module registers no resolver."""
 
 import ast
 import functools
@@ -75,3 +75,13 @@ def test_the_check_of_a_job_refuses_a_bad_value_before_lightning_is_imported(tmp
     refusal, loaded = done.stdout.strip().splitlines()
     assert refusal.startswith("trainer.epochs=1 is not allowed: Lightning's Trainer takes no setting epochs")
     assert loaded == "[]"
+
+
+def test_importing_the_package_registers_no_resolver():
+    modules = sorted(f"vae_sweeps.{path.stem}" for path in PACKAGE.glob("*.py"))  # __main__ too, as a module
+    code = ("from omegaconf import OmegaConf\n"
+            f"for name in {modules!r}: __import__(name)\n"
+            "print([n for n in ('launch_id', 'jobs_at_once') if OmegaConf.has_resolver(n)])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
