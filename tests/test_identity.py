@@ -94,7 +94,8 @@ EARLIER_KEYS = [
 ]
 
 
-@pytest.mark.parametrize("overrides, key, name", EARLIER_KEYS, ids=[" ".join(o) or "default" for o, _, _ in EARLIER_KEYS])
+@pytest.mark.parametrize("overrides, key, name", EARLIER_KEYS,
+                         ids=[" ".join(o) or "default" for o, _, _ in EARLIER_KEYS])
 def test_run_keys_and_names_are_those_of_earlier_versions(overrides, key, name, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = identity.compose([*overrides, "paths.output_dir=."])
