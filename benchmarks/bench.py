@@ -100,7 +100,7 @@ def project_path(tmp: Path, epochs: int, device: torch.device, overrides=EXAMPLE
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     timer = TimedEpochEnd(output_dir / "last.ckpt", client, run_id, device=device, after=after)
-    make_trainer(cfg, [timer], output_dir).fit(module, datamodule=datamodule)
+    make_trainer(cfg, [timer], output_dir).fit(module, datamodule=datamodule.lightning())
     client.set_terminated(run_id)
     return timer.seconds, module.vae
 

@@ -16,6 +16,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
+from vae_sweeps import resolvers
+
 # Tests never phone home (MLflow 3 sends usage telemetry by default).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -59,6 +61,13 @@ def write_dataset(root: Path, folder: str, gz: bool = True) -> Path:
         write_idx(raw / f"{prefix}-images-idx3-ubyte{suffix}", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _resolvers_registered():
+    """The config's resolvers (${launch_id:}, ${jobs_at_once:...}), registered as the command line
+    registers them before Hydra composes: the tests compose the config themselves."""
+    resolvers.register()
 
 
 @pytest.fixture(scope="session")

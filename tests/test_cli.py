@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import pytest
 from conftest import all_runs, job_env, run_cli, tmp_store, tiny_overrides
 
+from vae_sweeps.config import validate
 from vae_sweeps.errors import ConfigError, DataError, UserError
 from vae_sweeps.store import check_reachable
 from vae_sweeps.train import train
@@ -51,6 +52,12 @@ BAD_INPUT = [  # (overrides, what the message must say)
 ]
 
 
+def checked_and_trained(cfg):
+    """A job as it enters (vae_sweeps/__main__.py: main): its config checked, then trained."""
+    validate(cfg)
+    return train(cfg)
+
+
 @pytest.fixture
 def tracked_run(tmp_path):
     """A store that already holds one FINISHED run, which bad input must leave alone."""
@@ -65,7 +72,7 @@ def tracked_run(tmp_path):
 @pytest.mark.parametrize("overrides, message", BAD_INPUT, ids=[" ".join(o) for o, _ in BAD_INPUT])
 def test_bad_input_is_refused_before_a_run_starts(make_cfg, tmp_path, tracked_run, overrides, message):
     with pytest.raises(ConfigError) as err:
-        train(make_cfg(*overrides))
+        checked_and_trained(make_cfg(*overrides))
     assert message in str(err.value)
     runs = all_runs(tmp_path)
     assert [(r.info.run_id, r.info.status, r.data.metrics) for r in runs] == [(tracked_run, "FINISHED", {"test/loss": 140.0})]
@@ -76,7 +83,7 @@ def test_a_data_root_that_is_a_file(make_cfg, tmp_path):
     not_a_dir = tmp_path / "datasets.tar"
     not_a_dir.write_text("")
     with pytest.raises(ConfigError, match=f"data.root='{re.escape(str(not_a_dir))}' is not allowed: it must be a directory"):
-        train(make_cfg(f"data.root={not_a_dir}"))
+        checked_and_trained(make_cfg(f"data.root={not_a_dir}"))
     assert all_runs(tmp_path) == []
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -192,7 +193,7 @@ def test_file_digests_are_read_again_only_for_a_changed_file(tmp_path, monkeypat
 
 def test_datamodule_splits_and_pixels(tiny_root):
     dm = ImageDataModule("mnist", str(tiny_root), download=False, batch_size=BATCH, val_size=VAL_SIZE, verify=False)
-    dm.setup()
+    dm.load()
     train_x, train_y = dm.splits["train"]
     val_x, val_y = dm.splits["val"]
     test_x, _ = dm.splits["test"]
@@ -234,8 +235,8 @@ def test_datamodule_training_order_depends_only_on_the_seed(tiny_root):
     def labels(seed):
         dm = ImageDataModule("mnist", str(tiny_root), download=False, batch_size=BATCH, val_size=VAL_SIZE, seed=seed,
                              verify=False)
-        dm.setup()
-        return torch.cat([y for _, y in dm.train_dataloader()])
+        dm.load()
+        return torch.cat([y for _, y in dm.batches("train", shuffle=True)])
 
     assert torch.equal(labels(3), labels(3))
     assert not torch.equal(labels(3), labels(4))
@@ -243,17 +244,32 @@ def test_datamodule_training_order_depends_only_on_the_seed(tiny_root):
 
 def test_validation_and_test_batches_keep_file_order_and_last_batch(tiny_root):
     dm = ImageDataModule("fashion_mnist", str(tiny_root), download=False, batch_size=10, val_size=VAL_SIZE, verify=False)
-    dm.setup()
-    sizes = [len(x) for x, _ in dm.test_dataloader()]
+    dm.load()
+    sizes = [len(x) for x, _ in dm.batches("test")]
     assert sizes == [10, 10, 10, 2]
-    assert torch.equal(torch.cat([y for _, y in dm.test_dataloader()]), dm.splits["test"][1])
+    assert torch.equal(torch.cat([y for _, y in dm.batches("test")]), dm.splits["test"][1])
     assert dm.classes[9] == "Ankle boot"
 
 
 def test_val_size_must_leave_training_images(tiny_root):
     dm = ImageDataModule("mnist", str(tiny_root), download=False, val_size=N_TRAIN, verify=False)
     with pytest.raises(DataError, match=f"data.val_size={N_TRAIN} is not allowed: it must be between 1 and {N_TRAIN - 1}"):
-        dm.setup()
+        dm.load()
+
+
+def test_the_trainers_datamodule_loads_the_images_and_follows_the_trainers_epoch(tiny_root):
+    import pytorch_lightning as pl
+
+    dm = ImageDataModule("mnist", str(tiny_root), download=False, batch_size=BATCH, val_size=VAL_SIZE, verify=False)
+    module = dm.lightning()
+    assert isinstance(module, pl.LightningDataModule) and not dm.splits
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), current_epoch=3)
+    module.setup("fit")
+    assert dm.splits["train"][0].shape == (N_TRAIN - VAL_SIZE, 1, 28, 28)
+    epoch_3 = torch.cat([y for _, y in dm.batches("train", shuffle=True, epoch=lambda: 3)])
+    assert torch.equal(torch.cat([y for _, y in module.train_dataloader()]), epoch_3)
+    assert torch.equal(torch.cat([y for _, y in module.val_dataloader()]), dm.splits["val"][1])
+    assert torch.equal(torch.cat([y for _, y in module.test_dataloader()]), dm.splits["test"][1])
 
 
 @pytest.mark.skipif(not (REAL_ROOT / "MNIST" / "raw").is_dir(), reason="the real MNIST is not at VAE_SWEEPS_DATA_DIR")

@@ -3,6 +3,7 @@ checkpoint, a process killed with SIGKILL, a full disk, a store that fails durin
 a second launch of a configuration that is running (or starting at the same moment), and the
 exit status of an interrupt."""
 
+import datetime
 import errno
 import os
 import shutil
@@ -89,6 +90,31 @@ def test_two_configurations_launched_into_one_output_folder_keep_their_own_check
         local = runs.checkpoint_path(run.data.tags["output_dir"], run.info.run_id)
         assert saved_key(uploads[-1]) == saved_key(local) == key
     assert Path(uploads[0]).read_bytes() != Path(uploads[1]).read_bytes()
+
+
+def test_a_config_composed_outside_the_command_line_has_a_launch_folder_that_its_jobs_share(monkeypatch):
+    """Composed with Hydra's compose API (tests, a user's own script), the config resolves its
+    output folders without the command line; two launches in the same second get two folders,
+    and each job of a sweep, whose config Hydra composes again, gets its launch's."""
+    import hydra.core.utils
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    class Frozen(datetime.datetime):  # the same second for every launch
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2030, 1, 1)
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", Frozen)
+    with initialize_config_dir(config_dir=str(identity.CONF_DIR), version_base="1.3"):
+        first, second = (compose(config_name="config", return_hydra_config=True)
+                         for _ in range(2))
+        folders = [Path(cfg.hydra.sweep.dir) for cfg in (first, second)]
+        assert folders[0] != folders[1] and all(f.name.startswith("2030-01-01_00-00-00-") for f in folders)
+        assert Path(first.hydra.run.dir).name == folders[0].name  # one id for the launch
+        # a sweep's job: its config composed again from the launch's (as every launcher does)
+        job = GlobalHydra.instance().config_loader().load_sweep_config(first, ["seed=1"])
+        assert Path(job.hydra.sweep.dir) == folders[0]
 
 
 def test_a_checkpoint_of_another_configuration_is_not_resumed(make_cfg, tmp_path, monkeypatch):

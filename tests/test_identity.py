@@ -4,6 +4,7 @@ resume lookup and the report's grouping share, stable when a setting with a defa
 import pytest
 from conftest import compose_tiny, run_cli
 from mlflow.entities import Metric, Param
+from omegaconf import OmegaConf
 
 from vae_sweeps import identity, store
 from vae_sweeps.config import validate
@@ -17,7 +18,7 @@ def older(params: dict[str, str], *sections: str) -> dict[str, str]:
 
 @pytest.fixture
 def tiny_cfg(tmp_path, tiny_root, monkeypatch):
-    """A tiny job's config, checked (and its numbers normalised) as every job's is."""
+    """A tiny job's config, checked as every job's is."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     def make(*overrides):
@@ -64,6 +65,43 @@ def test_what_changes_no_result_changes_no_identity(tiny_cfg):
     assert identity.group_key(identity.params(tiny_cfg("seed=1"))) == identity.group_key(identity.params(tiny_cfg()))
     assert identity.run_key(tiny_cfg("loss.c=1")) == identity.run_key(tiny_cfg("loss.c=1.0")) != \
         identity.run_key(tiny_cfg("loss.c=2"))
+
+
+def test_equal_settings_are_one_run_whether_or_not_the_config_was_checked(make_cfg):
+    for integer, decimal in (("loss.c=1", "loss.c=1.0"), ("loss.c=2", "loss.c=2.0"), ("optim.lr=1", "optim.lr=1.0")):
+        unchecked = make_cfg(integer)
+        checked = make_cfg(decimal)
+        before = OmegaConf.to_yaml(checked)
+        validate(checked)
+        assert OmegaConf.to_yaml(checked) == before  # the check changes nothing
+        assert identity.run_key(unchecked) == identity.run_key(checked)
+        assert identity.params(unchecked) == identity.params(checked)
+    assert identity.params(make_cfg("loss.c=1"))["loss.c"] == "1.0"  # as runs have always logged it
+
+
+# Identities and names computed at 10feb7a, before the check stopped writing floats into the
+# config: a study's skip of FINISHED runs and its resumes find earlier runs by these keys.
+EARLIER_KEYS = [
+    ((), "44136fa355b3678a", "mlp3-bce-z2-c1-mnist-s0"),
+    (("model=mlp2", "seed=3", "loss=l2", "loss.c=0.5"), "4eee6a824c133c2f", "mlp2-l2-z2-c0.5-mnist-s3"),
+    (("loss.c=1",), "44136fa355b3678a", "mlp3-bce-z2-c1-mnist-s0"),
+    (("loss.c=2",), "05eabd713bbf4c58", "mlp3-bce-z2-c2-mnist-s0"),
+    (("optim.lr=1e-2",), "5a278f7e5a928d01", "mlp3-bce-z2-c1-mnist-s0-lr=0.01"),
+    (("optim.lr=1",), "22a0f64129a43cf5", "mlp3-bce-z2-c1-mnist-s0-lr=1.0"),
+    (("data=fashion_mnist", "prior=gmm", "prior.kl=mc", "model.latent_dim=5"), "cc5f0ff37847e9eb",
+     "mlp3-bce-z5-c1-gmm_mc-fashion_mnist-s0"),
+    (("model=cnn", "trainer.max_epochs=1", "seed=1"), "279635c9e2dd1bb2", "cnn-bce-z2-c1-mnist-s1-max_epochs=1"),
+]
+
+
+@pytest.mark.parametrize("overrides, key, name", EARLIER_KEYS,
+                         ids=[" ".join(o) or "default" for o, _, _ in EARLIER_KEYS])
+def test_run_keys_and_names_are_those_of_earlier_versions(overrides, key, name, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = identity.compose([*overrides, "paths.output_dir=."])
+    assert (identity.run_key(cfg), identity.run_name(cfg)) == (key, name)
+    validate(cfg)
+    assert (identity.run_key(cfg), identity.run_name(cfg)) == (key, name)
 
 
 def test_names_of_a_run(tiny_cfg):

@@ -1,8 +1,10 @@
 """The package's layout keeps its promises: imports stack at most 5 layers, nothing outside
-priors.py names a particular prior, and checking a config loads no Lightning."""
+priors.py names a particular prior, and checking a config loads no Lightning (importing the
+modules that check it, and calling the check), and importing a module registers no resolver."""
 
 import ast
 import functools
+import os
 import re
 import subprocess
 import sys
@@ -52,3 +54,34 @@ def test_checking_a_config_loads_no_lightning():
             "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'torchvision', 'mlflow') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_the_check_of_a_job_refuses_a_bad_value_before_lightning_is_imported(tmp_path):
+    # what vae_sweeps/__main__.py does before it imports the job's module (and Lightning with it),
+    # for a config of ours and for one with a user's dataset option (examples/)
+    code = ("import sys\n"
+            "from vae_sweeps.config import validate\n"
+            "from vae_sweeps.errors import ConfigError\n"
+            "from vae_sweeps.identity import compose\n"
+            "validate(compose(['paths.output_dir=.']))\n"
+            "try:\n"
+            "    validate(compose(['paths.output_dir=.', '+trainer.epochs=1']))\n"
+            "except ConfigError as err:\n"
+            "    print(err)\n"
+            "print(sorted(m for m in ('pytorch_lightning', 'lightning') if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "VAE_SWEEPS_DATA_DIR")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    refusal, loaded = done.stdout.strip().splitlines()
+    assert refusal.startswith("trainer.epochs=1 is not allowed: Lightning's Trainer takes no setting epochs")
+    assert loaded == "[]"
+
+
+def test_importing_the_package_registers_no_resolver():
+    modules = sorted(f"vae_sweeps.{path.stem}" for path in PACKAGE.glob("*.py"))  # __main__ too, as a module
+    code = ("from omegaconf import OmegaConf\n"
+            f"for name in {modules!r}: __import__(name)\n"
+            "print([n for n in ('launch_id', 'jobs_at_once') if OmegaConf.has_resolver(n)])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -8,6 +8,7 @@ import pytest
 from conftest import CONF_DIR, all_runs, tmp_store
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from submitit.core.utils import UncompletedJobError
 from submitit.slurm import slurm
@@ -91,15 +92,14 @@ def test_the_watcher_asks_squeue_not_sacct():
 
 
 def test_a_job_that_ended_without_a_result_is_a_failed_job_of_the_sweep(monkeypatch):
-    seen = {}
-
-    def parent_launch(self, job_overrides, initial_job_idx):  # stands for submitit and SLURM
-        seen["watcher"], seen["results"] = slurm.SlurmJob.watcher, slurm.SlurmJob.results
-        return [JobReturn(status=JobStatus.COMPLETED), slurm.SlurmJob.results(FailingJob())[0]]
+    class FinishedJob:
+        def results(self):
+            return [JobReturn(status=JobStatus.COMPLETED)]
 
     class FailingJob:  # a job that SLURM no longer lists, and that left no result
         job_id, state, _sub_jobs = "41_1", "GONE", []
         paths = SimpleNamespace(stderr="/sweep/.submitit/41_1/41_1_0_log.err")
+        results = slurm.SlurmJob.results  # submitit's own
 
         def wait(self):
             pass
@@ -109,14 +109,69 @@ def test_a_job_that_ended_without_a_result_is_a_failed_job_of_the_sweep(monkeypa
 
     launcher = slurm_launcher.SlurmLauncher
     assert launcher.__bases__[0].__name__ == submitit_launcher.SlurmLauncher.__name__
-    monkeypatch.setattr(launcher.__bases__[0], "launch", parent_launch)
+    submitted = lambda self, job_overrides, initial_job_idx: [FinishedJob(), FailingJob()]  # noqa: E731
+    monkeypatch.setattr(launcher, "submit", submitted)  # stands for submitit and SLURM
     default = slurm.SlurmJob.watcher
     returns = launcher().launch([["seed=0"], ["seed=1"]], initial_job_idx=4)
-    assert isinstance(seen["watcher"], slurm_launcher.SqueueWatcher)
-    assert slurm.SlurmJob.watcher is default and slurm.SlurmJob.results is not seen["results"]  # restored
+    assert isinstance(slurm_launcher.SqueueJob.watcher, slurm_launcher.SqueueWatcher)
+    assert issubclass(slurm_launcher.SqueueJob, slurm.SlurmJob)
+    assert slurm.SlurmJob.watcher is default  # submitit's own class is left as it is
     assert returns[0].status == JobStatus.COMPLETED
     lost = returns[1]
     assert (lost.status, lost.overrides, lost.hydra_cfg.hydra.job.num) == (JobStatus.FAILED, ["seed=1"], 5)
     assert isinstance(lost._return_value, UncompletedJobError)
     assert str(lost._return_value) == ("SLURM job 41_1 ended without a result (no longer listed by squeue); "
                                        "its log: /sweep/.submitit/41_1/41_1_0_log.err")
+
+
+class RecordingExecutor:
+    """Stands for submitit's AutoExecutor: records what it is given; its jobs have a result."""
+
+    made: list = []
+
+    def __init__(self, **init):  # the cluster, the folder and the requeues
+        self.folder = init["folder"]
+        self.calls = [("init", init)]
+        RecordingExecutor.made.append(self)
+
+    def update_parameters(self, **parameters):
+        self.calls.append(("parameters", parameters))
+
+    def map_array(self, fn, *arguments):
+        # each job's (overrides, folder key, number, id); not Hydra's state, which is new each time
+        self.calls.append(("jobs", [tuple(a[:4]) for a in zip(*arguments)], fn))
+        return [SimpleNamespace(job_id=f"41_{i}", num_tasks=1, results=lambda: [JobReturn()])
+                for i in range(len(arguments[0]))]
+
+
+def test_the_jobs_are_submitted_as_hydra_submitit_launcher_submits_them(monkeypatch, tmp_path):
+    import submitit
+
+    monkeypatch.setattr(submitit, "AutoExecutor", RecordingExecutor)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu",
+                                 f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    params = {k: v for k, v in OmegaConf.to_container(cfg.hydra.launcher, resolve=True).items() if k != "_target_"}
+    jobs = [["seed=0", "hydra.verbose=true"], ["seed=1"]]
+    calls = {}
+    for launcher in (submitit_launcher.SlurmLauncher(**params), slurm_launcher.SlurmLauncher(**params)):
+        launcher.setup(hydra_context=None, task_function=None, config=cfg)
+        RecordingExecutor.made.clear()
+        if isinstance(launcher, slurm_launcher.SlurmLauncher):
+            followed = launcher.submit(jobs, initial_job_idx=3)
+            assert [(type(job), job.job_id) for job in followed] == [(slurm_launcher.SqueueJob, "41_0"),
+                                                                    (slurm_launcher.SqueueJob, "41_1")]
+        else:
+            launcher.launch(jobs, initial_job_idx=3)  # hydra-submitit-launcher's own
+        (executor,) = RecordingExecutor.made
+        assert executor.calls[-1][2] is launcher  # each job calls the launcher, as Hydra's does
+        calls[type(launcher).__module__] = [call[:2] for call in executor.calls]
+    ours, theirs = calls[slurm_launcher.__name__], calls[submitit_launcher.__name__]
+    assert ours == theirs
+    assert ours[0] == ("init", {"cluster": "slurm", "folder": f"{tmp_path}/sweep/.submitit/%j",
+                                "slurm_max_num_timeout": 3})
+    assert ours[1][1]["slurm_partition"] == "gpu" and ours[1][1]["gpus_per_node"] == 1
+    assert ours[2] == ("jobs", [(jobs[0], "hydra.sweep.dir", 3, "job_id_for_3"),
+                                (jobs[1], "hydra.sweep.dir", 4, "job_id_for_4")])
+    assert (tmp_path / "sweep").is_dir()

@@ -7,7 +7,6 @@ import shlex
 import signal
 import sys
 import traceback
-import uuid
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,10 +14,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vae_sweeps import devices
+from vae_sweeps import resolvers
 from vae_sweeps.errors import SweepFailed, UserError, refuse_password
-
-devices.register_resolver()  # ${jobs_at_once:...} of hydra/launcher=joblib_gpu, before Hydra composes
 
 
 # Hydra's refusals of a command line, before any job starts: an option that does not exist, a
@@ -112,9 +109,7 @@ if __name__ == "__main__":
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    # A new id for each launch, in its output folder's name (hydra.run.dir and hydra.sweep.dir in
-    # conf/config.yaml): two launches in the same second never share a folder or a checkpoint.
-    os.environ["VAE_SWEEPS_LAUNCH_ID"] = uuid.uuid4().hex[:6]
+    resolvers.register()  # ${launch_id:} of the output folder, ${jobs_at_once:...}: before Hydra composes
     # The command behind every run of this launch, its `command` tag (train.py), in any launcher's
     # job: the report names the commands behind its numbers. It holds no password (refused above).
     os.environ["VAE_SWEEPS_COMMAND"] = shlex.join(["python", "-m", "vae_sweeps", *sys.argv[1:]])

@@ -10,15 +10,22 @@ key must also be one that its reader takes: a ``trainer.*`` key an argument of L
 Trainer, an option's setting an argument of its ``_target_`` (both by their signatures), and
 ``loss``, ``optim`` and ``eval`` only the keys the job reads (``+trainer.epochs=1`` would
 otherwise fail, or be ignored, after the run was created).
+
+Nothing here imports Lightning (the Trainer's arguments are read from its source, and a data
+option is plain Python until the job trains: data.py), so that a job refuses a bad value before
+it spends seconds importing Lightning (vae_sweeps/__main__.py; tests/test_layout.py).
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
+import importlib.util
 import inspect
 import math
 import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
@@ -118,13 +125,36 @@ def _option_keys(axis: str, option: DictConfig, given: tuple[str, ...]) -> None:
         _known_keys(axis, settings, own, f"{axis}={option.name} ({target})", f" (the job gives {', '.join(given)})")
 
 
+def _trainer_signature() -> tuple[str, ...] | None:
+    """The keyword arguments of Lightning's ``Trainer.__init__``, read from its source file without
+    importing Lightning (seconds, ten and more on a busy machine), which a job does only once its
+    config is checked (vae_sweeps/__main__.py). Raises LookupError where the file does not hold it
+    (another Lightning's layout)."""
+    spec = importlib.util.find_spec("pytorch_lightning")  # a top-level package: found, not imported
+    if spec is None or spec.origin is None:
+        raise LookupError("pytorch_lightning is not installed")
+    source = Path(spec.origin).parent / "trainer" / "trainer.py"
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+            for method in node.body:
+                if isinstance(method, ast.FunctionDef) and method.name == "__init__":
+                    arguments = method.args
+                    if arguments.kwarg is not None:  # **kwargs: any key
+                        return None
+                    return tuple(a.arg for a in [*arguments.args[1:], *arguments.kwonlyargs])
+    raise LookupError(f"no Trainer.__init__ in {source}")
+
+
 @functools.lru_cache(maxsize=None)
 def trainer_arguments() -> tuple[str, ...]:
-    """The arguments of Lightning's Trainer that a config may set. (Imports Lightning: the data
-    option's module has imported it by the time the trainer is checked.)"""
-    from pytorch_lightning import Trainer
+    """The arguments of Lightning's Trainer that a config may set."""
+    try:
+        accepted = _trainer_signature()
+    except (LookupError, OSError, SyntaxError):  # elsewhere than expected: from the class itself
+        from pytorch_lightning import Trainer
 
-    return tuple(key for key in accepted_arguments(Trainer) or () if key not in TRAINER_SET_BY_JOB)
+        accepted = accepted_arguments(Trainer)
+    return tuple(key for key in accepted or () if key not in TRAINER_SET_BY_JOB)
 
 
 def _trainer_keys(trainer: DictConfig) -> None:
@@ -237,8 +267,10 @@ def validate_tracking(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first value that is not allowed; then store float settings
-    as floats, so that ``loss.c=1`` and ``loss.c=1.0`` log (and group) as one setting."""
+    """Raise ConfigError on the first value that is not allowed. Changes nothing in ``cfg``: the
+    run identity normalises its own values (``loss.c=1`` is ``loss.c=1.0``, identity.params).
+    Run once where a job enters (vae_sweeps/__main__.py), and by the study sweeper for every job
+    before any starts."""
     model, loss = cfg.model, cfg.loss
     options.check_name("model", model)
     _int_at_least("model.latent_dim", model.latent_dim, 1, "2 (the study uses 1, 2, 5, 10, 20)")
@@ -271,6 +303,3 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("threads") is not None:
         _int_at_least("threads", cfg.threads, 1, "2")
     validate_tracking(cfg)
-
-    loss.c = float(loss.c)
-    cfg.optim.lr = float(cfg.optim.lr)

@@ -8,6 +8,9 @@ checked against its size and its content against the published file's SHA-256 (`
 digests are cached per file), and any failure names the file, where we looked and how to point at
 a copy. The whole dataset is then one float32 tensor in [0, 1] (on the GPU when training runs
 there) and batches are sliced from it.
+
+Lightning is imported only where the Trainer's DataModule is made (``ImageData.lightning``): a
+data option is built, and its settings checked, before a job imports Lightning (config.validate).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torchvision import datasets
 
@@ -276,12 +278,14 @@ def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, to
     return (x.unsqueeze(1) if x.ndim == 3 else x), torch.from_numpy(labels.astype(np.int64))
 
 
-class ImageData(pl.LightningDataModule):
+class ImageData:
     """The data axis's interface: labelled images held in memory, train = the first N - val_size
     training images, val = the last val_size, test = the test split.
 
     A dataset option's class subclasses it and implements ``arrays`` (and sets ``image_shape``
     and ``classes``); everything else (splits, batches in a seeded order, the GPU copy) is here.
+    It is plain Python, so that building an option to check its settings does not import
+    Lightning; ``lightning()`` is the Trainer's LightningDataModule over it.
     """
 
     image_shape: tuple[int, ...] = IMAGE_SHAPE  # (channels, height, width): what the model is built for
@@ -289,7 +293,6 @@ class ImageData(pl.LightningDataModule):
     train_images: int | None = None  # in the training split, where known before loading (config checks)
 
     def __init__(self, batch_size: int = 128, val_size: int = 5000, seed: int = 0):
-        super().__init__()
         self.batch_size = positive_int("batch_size", batch_size, "128")
         self.val_size = positive_int("val_size", val_size, "5000")
         self.seed = seed
@@ -326,25 +329,40 @@ class ImageData(pl.LightningDataModule):
             "test": to_tensors(*arrays["test"]),
         }
 
-    def setup(self, stage: str | None = None) -> None:
-        self.load()
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        if device.type != "cpu":  # keep the whole dataset where training runs
+    def to(self, device: torch.device) -> None:
+        """Keep the whole dataset on ``device``, where training runs."""
+        if device.type != "cpu":
             self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
 
-    def batches(self, split: str, shuffle: bool = False) -> TensorBatches:
+    def batches(self, split: str, shuffle: bool = False, epoch=None) -> TensorBatches:
+        """The batches of ``split``; shuffled ones in the order of the seed and ``epoch`` (a
+        function that tells the current epoch; without it, passes are counted)."""
         images, labels = self.splits[split]
-        epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
         return TensorBatches(images, labels, self.batch_size, shuffle, self.seed, epoch)
 
-    def train_dataloader(self) -> TensorBatches:
-        return self.batches("train", shuffle=True)
+    def lightning(self):
+        """These images as the Trainer's LightningDataModule: on setup it loads them (once) and
+        moves them to the Trainer's device; its training batches follow the Trainer's epoch, so
+        a resumed run sees the batches of one that never stopped (TensorBatches)."""
+        import pytorch_lightning as pl  # here, where the job trains: see the module's docstring
 
-    def val_dataloader(self) -> TensorBatches:
-        return self.batches("val")
+        data = self
 
-    def test_dataloader(self) -> TensorBatches:
-        return self.batches("test")
+        class DataModule(pl.LightningDataModule):
+            def setup(self, stage: str | None = None) -> None:
+                data.load()
+                data.to(self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu"))
+
+            def train_dataloader(self) -> TensorBatches:
+                return data.batches("train", shuffle=True, epoch=lambda: self.trainer.current_epoch)
+
+            def val_dataloader(self) -> TensorBatches:
+                return data.batches("val")
+
+            def test_dataloader(self) -> TensorBatches:
+                return data.batches("test")
+
+        return DataModule()
 
 
 def check_root(root: str, download: bool) -> None:

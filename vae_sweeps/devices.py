@@ -1,8 +1,8 @@
 """Parallel jobs on the GPUs of one machine: how many run at once, and which GPU each uses.
 
 With ``hydra/launcher=joblib_gpu`` a machine with G GPUs runs G x ``jobs_per_gpu`` jobs at
-once (joblib's ``n_jobs``, through the ``${jobs_at_once:...}`` resolver registered below),
-and the job numbered n in the sweep (``hydra.job.num``) trains on GPU n mod G. Jobs start in
+once (joblib's ``n_jobs``, through the ``${jobs_at_once:...}`` resolver: resolvers.py), and
+the job numbered n in the sweep (``hydra.job.num``) trains on GPU n mod G. Jobs start in
 number order and each new one takes the place of one that ended, so a GPU holds about
 ``jobs_per_gpu`` jobs (one more or fewer for a while when jobs differ in length). Each job's
 torch threads are the cores divided by the jobs at once, as for any joblib sweep. Without a
@@ -56,14 +56,3 @@ def job_number() -> int:
     if not HydraConfig.initialized():
         return 0
     return OmegaConf.select(HydraConfig.get(), "job.num", default=0, throw_on_missing=False) or 0
-
-
-def register_resolver() -> None:
-    """``${jobs_at_once:<jobs_per_gpu>}``, used by conf/hydra/launcher/joblib_gpu.yaml."""
-    OmegaConf.register_new_resolver("jobs_at_once", lambda jobs_per_gpu: jobs_at_once(jobs_per_gpu, gpu_count()),
-                                    replace=True)
-
-
-# On import, so that every process that reads the launcher's config can resolve it: the one
-# that launches the sweep (vae_sweeps.__main__) and each joblib worker (through train.py).
-register_resolver()

@@ -5,7 +5,9 @@ is FINISHED, drop duplicate jobs), a job (resume its KILLED run, refuse a second
 the report (group the seeds of one configuration).
 
 - **params**: the resolved config, flattened to ``group.key`` strings (as MLflow stores them),
-  without paths, the tracking settings (the URI may hold a password) and ``force``.
+  without paths, the tracking settings (the URI may hold a password) and ``force``; a number
+  setting given as an integer as its float (``loss.c=1`` is ``loss.c=1.0``), so that equal
+  settings are one run whether or not the config was checked (config.validate leaves it as given).
 - **result settings**: the params that change what a run computes (seed included; not threads,
   progress bars and the like).
 - **identity** (``run_key``): a hash of the result settings that differ from their defaults.
@@ -42,6 +44,9 @@ NOT_PARAMS = ("hydra", "paths", "tracking", "tags", "force", "data.root")
 # Params that do not change a run's results either (a section name covers the whole section).
 NOT_RESULTS = (*NOT_PARAMS, "threads", "jobs_per_gpu", "data.download", "data.verify",
                "trainer.enable_progress_bar", "trainer.enable_model_summary")
+# Settings that take any number (config.validate): an integer given for one is the same setting as
+# its float, and is logged (and hashed) as the float, as every run so far has logged it.
+FLOAT_SETTINGS = ("loss.c", "optim.lr")
 # The study's axes whose option is chosen by name (``model=cnn``); the option's ``name`` key says
 # which one a run used.
 AXES = ("data", "model", "loss", "prior")
@@ -90,8 +95,13 @@ def flatten(cfg: DictConfig, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def params(cfg: DictConfig) -> dict[str, str]:
-    """A run's MLflow params: the flattened config without NOT_PARAMS."""
-    return flatten(cfg, NOT_PARAMS)
+    """A run's MLflow params: the flattened config without NOT_PARAMS, FLOAT_SETTINGS as floats."""
+    flat = flatten(cfg, NOT_PARAMS)
+    for key in FLOAT_SETTINGS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            flat[key] = str(float(value))
+    return flat
 
 
 def is_result_setting(key: str) -> bool:

@@ -10,21 +10,30 @@ it counts as a FAILED job of the sweep, with its state and log file, and the swe
 waiting for the others, then lists it among the failures. (A job whose requeues ran out did
 return a result: its run is KILLED and resumable, see vae_sweeps/train.py.)
 
+The jobs are submitted as hydra-submitit-launcher submits them (its executor, resources and
+job arguments: ``SlurmLauncher.submit``), and followed as ``SqueueJob``s, submitit's SlurmJob
+with the squeue watcher.
+
 Hydra loads plugins only from the ``hydra_plugins`` package, hence this module's place;
 ``conf/hydra/launcher/slurm.yaml`` selects it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Any, Sequence
-from unittest import mock
 
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
-from submitit.core import core
 from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.slurm import slurm
+
+log = logging.getLogger(__name__)
 
 # The states of a job that has ended for good. Any other state (pending, running, requeued,
 # configuring, completing, suspended...) means that it may still run. GONE: squeue no longer
@@ -53,11 +62,18 @@ class SqueueWatcher(slurm.SlurmInfoWatcher):
         return self.get_state(job_id, mode=mode).upper() in ENDED
 
 
+class SqueueJob(slurm.SlurmJob):
+    """A SLURM job that submitit follows with squeue (SqueueWatcher) instead of sacct: submitit
+    looks the watcher up on the job's class, and one watcher serves every job of the process."""
+
+    watcher = SqueueWatcher(delay_s=60)
+
+
 def results_or_error(job: slurm.SlurmJob) -> list[Any]:
     """``job.results()``, or ``[an error]`` if the job failed outside the task (the error
     holds its traceback) or ended without a result (killed, out of memory, its node lost...)."""
     try:
-        return core.Job.results(job)
+        return job.results()
     except FailedJobError as err:
         return [err]
     except UncompletedJobError:
@@ -74,10 +90,35 @@ def failed_job(error: BaseException, overrides: Sequence[str], num: int) -> JobR
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    def submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[SqueueJob]:
+        """Submit the jobs, one job array, as hydra-submitit-launcher's ``launch`` does (1.2.0:
+        the executor, its resources, the sweep folder and each job's arguments), and return
+        them as SqueueJobs, without waiting. (submitit makes the jobs of an array SlurmJobs,
+        whatever its executor's job class: each is the same job, followed by another watcher.)"""
+        import submitit  # as hydra-submitit-launcher: Hydra's plugin discovery stays fast
+
+        params = dict(self.params)
+        init = {"folder": params.pop("submitit_folder")}
+        if "max_num_timeout" in params:
+            init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
+        generic = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in generic else f"{self._EXECUTOR}_{k}": v for k, v in params.items()})
+
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        arguments = []
+        for num, overrides in enumerate(job_overrides, initial_job_idx):
+            log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
+            arguments.append((list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()))
+        jobs = executor.map_array(self, *zip(*arguments))
+        return [SqueueJob(folder=executor.folder, job_id=job.job_id, tasks=range(job.num_tasks)) for job in jobs]
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        # every job of the sweep is a submitit SlurmJob: follow them with squeue, and take an
-        # error for a result so that the other jobs' results are still waited for
-        with mock.patch.multiple(slurm.SlurmJob, watcher=SqueueWatcher(delay_s=60), results=results_or_error):
-            returns = super().launch(job_overrides, initial_job_idx)
+        # an error taken for a result, so that the other jobs' results are still waited for
+        returns = [results_or_error(job)[0] for job in self.submit(job_overrides, initial_job_idx)]
         return [failed_job(r, overrides, initial_job_idx + i) if isinstance(r, BaseException) else r
                 for i, (r, overrides) in enumerate(zip(returns, job_overrides))]
