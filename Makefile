@@ -65,7 +65,7 @@ study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (<20
 	@$(call run_study,$(QUICK) $(ARGS))
 
 report: ## Rebuild the study's tables, claims and figures from MLflow into reports/ (no training)
-	$(PY) -m vae_sweeps.report
+	$(PY) -m vae_sweeps.report $(ARGS)
 
 evaluate: ## Fill in the end-of-run metrics that older runs lack (python -m vae_sweeps.backfill); no training
 	$(PY) -m vae_sweeps.backfill $(ARGS)

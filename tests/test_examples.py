@@ -57,7 +57,9 @@ def test_user_options_train_for_an_epoch_through_the_cli(tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     # then the settings away from the options' own, too many to spell out: the run's identity
-    assert run.info.run_name == f"resmlp-bce-z2-c1-laplace-npz_images-s0-{identity.key_of(run.data.params)[:8]}"
+    with identity.project_config(EXAMPLES / "conf"):  # the user's options, as the job composed them
+        key = identity.key_of(run.data.params)
+    assert run.info.run_name == f"resmlp-bce-z2-c1-laplace-npz_images-s0-{key[:8]}"
     params = run.data.params
     assert (params["model.name"], params["data.name"], params["prior.name"]) == ("resmlp", "npz_images", "laplace")
     assert (params["model.width"], params["model.blocks"], params["prior.scale"]) == ("256", "2", "1.0")
@@ -69,6 +71,18 @@ def test_user_options_train_for_an_epoch_through_the_cli(tmp_path):
     assert math.isfinite(metrics["test/kl_exact"])  # the prior's own test metric (LaplacePrior.metrics)
     assert "test/judged_accuracy" in metrics
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["npz_images (tiny.npz)"]
+
+    # the back-fill and the report compose the user's options with their --config-dir, as the job did
+    env = job_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES), env.get("PYTHONPATH")]))
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    done = [subprocess.run([sys.executable, "-m", *command, "--tracking-uri", uri, "--config-dir", str(EXAMPLES / "conf")],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            for command in (["vae_sweeps.backfill", "--dry-run"], ["vae_sweeps.report", "--out", str(tmp_path / "report")])]
+    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
+    assert "0 FINISHED run(s) lack metrics of the evaluation." in done[0].stdout  # the Laplace prior's too
+    (listed,) = [row for row in (tmp_path / "report" / "runs.csv").read_text().splitlines()[1:] if run.info.run_id in row]
+    assert "resmlp" in listed and "laplace" in listed
 
 
 def test_a_bad_value_of_a_user_option_is_refused_before_any_run(tmp_path):

@@ -49,7 +49,7 @@ KEYS_NOTHING_TAKES = [  # (overrides, what the message must say)
 @pytest.mark.parametrize("overrides, message", KEYS_NOTHING_TAKES, ids=[" ".join(o) for o, _ in KEYS_NOTHING_TAKES])
 def test_a_key_that_nothing_takes_is_refused_before_a_run_exists(make_cfg, tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
-        train(make_cfg(*overrides))
+        validate(make_cfg(*overrides))  # the job's first step (__main__.main)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert all_runs(tmp_path) == [] and not (tmp_path / "out").exists()
 
@@ -123,7 +123,7 @@ def test_the_default_data_root_may_be_made_for_a_download(tmp_path, monkeypatch)
 def test_a_missing_data_root_is_refused_before_a_run(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"data.root='{tmp_path}/nonexistent' is not allowed: there is "
                                                     "no such folder")):
-        train(make_cfg(f"data.root={tmp_path}/nonexistent", "data.download=true"))
+        validate(make_cfg(f"data.root={tmp_path}/nonexistent", "data.download=true"))
     assert all_runs(tmp_path) == [] and not (tmp_path / "nonexistent").exists()
     with pytest.raises(DataError, match=re.escape(f"missing from {tmp_path}/nonexistent/MNIST/raw. Downloading is "
                                                   "off (data.download=false)")):

@@ -33,7 +33,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from vae_sweeps import evaluation, identity, metrics, options, store, tracking
-from vae_sweeps.errors import UserError
+from vae_sweeps.errors import UserError, config_folder
 
 class NoRunMatches(Exception):
     """The filters of ``python -m vae_sweeps.backfill`` match no FINISHED run: exit status 1."""
@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default=os.environ.get("VAE_SWEEPS_DATA_DIR", "data"),
                         help="folder holding MNIST/raw/ and FashionMNIST/raw/ (default: $VAE_SWEEPS_DATA_DIR, else data)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs to fill, evaluate none")
+    parser.add_argument("--config-dir", type=config_folder, metavar="DIR",
+                        help="a folder of your own options (DIR/<axis>/<name>.yaml), as a job's --config-dir: "
+                             "needed for runs of your own model, dataset, prior or loss")
     args = parser.parse_args(argv)
     bad = [f for f in args.filters if "=" not in f]
     if bad:
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     filters = dict(f.split("=", 1) for f in args.filters)
     store.quiet_downloads()
     try:
-        backfill(store.resolve_uri(args.tracking_uri), args.experiment, filters, args.data_root, args.dry_run)
+        with identity.project_config(args.config_dir):
+            backfill(store.resolve_uri(args.tracking_uri), args.experiment, filters, args.data_root, args.dry_run)
     except NoRunMatches as err:  # nothing to do, but not what was asked: like grep, 1
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

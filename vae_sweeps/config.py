@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_sweeps import options
 from vae_sweeps.errors import ConfigError, refuse_password
-from vae_sweeps.losses import RECON_LOSSES
+from vae_sweeps.losses import recon_loss
 from vae_sweeps.optimizers import OPTIMIZERS
 from vae_sweeps.options import plain as _plain
 
@@ -47,7 +47,6 @@ TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 # other key (``+optim.weight_decay=0.1``) would be logged as a param, and change the run's
 # identity, while nothing used it.
 READ_KEYS = {
-    "loss": (("name", "c"), " (read by the VAE's loss: vae_sweeps/vae.py)"),
     "optim": (("name", "lr"), " (the optimiser is given optim.lr alone: vae_sweeps/module.py)"),
     "eval": (("iw_samples", "knn_k", "judge_epochs"), " (read by the end-of-run evaluation: vae_sweeps/backfill.py)"),
 }
@@ -123,6 +122,28 @@ def _option_keys(axis: str, option: DictConfig, given: tuple[str, ...]) -> None:
     if accepted is not None:
         own = tuple(key for key in accepted if key not in given)
         _known_keys(axis, settings, own, f"{axis}={option.name} ({target})", f" (the job gives {', '.join(given)})")
+
+
+def _loss_function(loss: DictConfig) -> None:
+    """A loss option's ``_target_`` must name a function that imports, and its settings other
+    than ``name`` and ``c`` (the VAE's weight of the loss) must be that function's keyword
+    arguments (losses.recon_loss)."""
+    target = loss.get("_target_")
+    if target is None:
+        _fail("loss._target_", target, "a loss option names its function, (logits, x) -> one value per image, "
+              "e.g. _target_: vae_sweeps.losses.bce in conf/loss/<name>.yaml")
+    try:
+        recon_loss(_plain(loss))
+    except Exception as err:
+        why = " ".join(f"{type(err).__name__}: {err}".split())
+        _fail("loss._target_", target, f"it cannot be imported ({why}); put its package on the "
+              "path (PYTHONPATH=...), or name a function that exists, e.g. vae_sweeps.losses.bce")
+    accepted = accepted_arguments(recon_loss({"name": loss.name, "_target_": target}))
+    if accepted is not None:  # not a function that takes **kwargs
+        own = ("name", "c", *(key for key in accepted if key not in ("logits", "x")))
+        settings = {key: value for key, value in loss.items() if key != "_target_"}
+        _known_keys("loss", settings, own, "loss", f" (loss={loss.name} is the function {target}: c weighs it, the "
+                    "other settings are its keyword arguments)")
 
 
 def _trainer_signature() -> tuple[str, ...] | None:
@@ -274,8 +295,9 @@ def validate(cfg: DictConfig) -> None:
     model, loss = cfg.model, cfg.loss
     options.check_name("model", model)
     _int_at_least("model.latent_dim", model.latent_dim, 1, "2 (the study uses 1, 2, 5, 10, 20)")
-    _choice("loss.name", loss.name, list(RECON_LOSSES), "loss=<name> on the command line")
+    options.check_name("loss", loss)
     _positive_finite("loss.c", loss.c, "1.0")
+    _loss_function(loss)
     options.check_name("prior", cfg.prior)
     options.check_name("data", cfg.data)
     _option_keys("data", cfg.data, ("seed",))

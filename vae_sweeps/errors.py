@@ -1,5 +1,7 @@
 """Errors that are the user's to fix: the CLI prints them as one paragraph, no traceback."""
 
+import argparse
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -74,3 +76,12 @@ def redact(uri: str) -> str:
         return uri
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def config_folder(text: str) -> Path:
+    """The --config-dir of a command that is not a Hydra app (the report, the back-fill), as
+    argparse reads it: a folder that exists, or argparse's error (exit 2) saying what to give."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder: give the folder that holds your options "
+                                         "(<folder>/<axis>/<name>.yaml), e.g. --config-dir examples/conf")
+    return Path(text)

@@ -52,10 +52,16 @@ FLOAT_SETTINGS = ("loss.c", "optim.lr")
 AXES = ("data", "model", "loss", "prior")
 
 
+# The user's config folder of a command that is not a Hydra app (the report, the back-fill:
+# their --config-dir), searched after conf/ as a job's --config-dir is (project_config).
+_USER_CONFIG: list[str] = []
+
+
 @contextlib.contextmanager
-def project_config():
+def project_config(config_dir: str | Path | None = None):
     """Hydra, ready to compose the project's config: inside a Hydra app the app's own (its
-    search path, ``--config-dir`` included), elsewhere (the report, tests) from ``conf/``."""
+    search path, ``--config-dir`` included), elsewhere (the report, the back-fill, tests) from
+    ``conf/`` and ``config_dir``, a user's folder of options (``conf/<axis>/<name>.yaml``)."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -63,7 +69,16 @@ def project_config():
         yield
         return
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        yield
+        _USER_CONFIG[:] = [Path(config_dir).resolve().as_uri()] if config_dir else []
+        try:
+            yield
+        finally:
+            _USER_CONFIG.clear()
+
+
+def search_path() -> list[str]:
+    """The override that adds a command's --config-dir to Hydra's search path (none without one)."""
+    return [f"hydra.searchpath=[{','.join(_USER_CONFIG)}]"] if _USER_CONFIG else []
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -71,7 +86,7 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
 
     with project_config():
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=[*search_path(), *overrides])
 
 
 def flatten(cfg: DictConfig, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
@@ -139,11 +154,15 @@ def choices(settings: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple((axis, str(settings[f"{axis}.name"])) for axis in AXES if f"{axis}.name" in settings)
 
 
-@functools.lru_cache(maxsize=None)
 def defaults(options: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
     """The result settings of the config composed with these axis options and nothing else:
     what a run that named only these options would have used. {} if they do not compose (an
-    option that no longer exists)."""
+    option that no longer exists, or a user's without their --config-dir)."""
+    return _defaults(options, tuple(search_path()))
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(options: tuple[tuple[str, str], ...], searched: tuple[str, ...]) -> dict[str, str]:
     overrides = [f"{axis}={option}" for axis, option in options] + ["paths.output_dir=."]
     try:
         cfg = compose(overrides)

@@ -9,6 +9,7 @@ sigmoid(logits). A loss of your own is a function of that form and a config file
 """
 
 import functools
+import importlib
 from collections.abc import Callable, Mapping
 
 import torch
@@ -36,11 +37,11 @@ def recon_loss(option: Mapping) -> Callable[[torch.Tensor, torch.Tensor], torch.
     (config.validate has checked that it imports), with the option's other settings than
     ``name`` and ``c`` as keyword arguments; or, for a run logged before loss options named a
     function, the project's loss of its ``name``."""
-    from hydra.utils import get_method
-
     target = option.get("_target_")
     if not target:
         return RECON_LOSSES[option["name"]]
+    module, _, name = target.rpartition(".")
+    function = getattr(importlib.import_module(module), name)
     settings = {key: value for key, value in option.items() if key not in ("name", "c", "_target_")}
-    return functools.partial(get_method(target), **settings) if settings else get_method(target)
+    return functools.partial(function, **settings) if settings else function
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vae_sweeps.errors import BadValue, ConfigError, UserError
-from vae_sweeps.identity import compose, project_config
+from vae_sweeps.identity import compose, project_config, search_path
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +30,27 @@ def plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-@functools.lru_cache(maxsize=None)
 def names(axis: str) -> tuple[str, ...]:
     """The options of ``axis`` that the config search path holds (``conf/<axis>/*.yaml``, and
     those of a ``--config-dir``)."""
-    from hydra.core.global_hydra import GlobalHydra
-
     with project_config():
-        return tuple(GlobalHydra.instance().config_loader().get_group_options(axis))
+        return _names(axis, tuple(search_path()))
 
 
 @functools.lru_cache(maxsize=None)
+def _names(axis: str, overrides: tuple[str, ...]) -> tuple[str, ...]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    return tuple(GlobalHydra.instance().config_loader().get_group_options(axis, overrides=list(overrides)))
+
+
 def option_config(axis: str, name: str) -> dict | None:
     """The config of option ``name`` of ``axis`` as its file gives it; None if there is no such option."""
+    return _option_config(axis, name, tuple(search_path()))
+
+
+@functools.lru_cache(maxsize=None)
+def _option_config(axis: str, name: str, searched: tuple[str, ...]) -> dict | None:
     try:
         return plain(compose([f"{axis}={name}", "paths.output_dir=."])[axis])
     except Exception as err:  # no such option (any more)

@@ -35,8 +35,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from vae_sweeps import claims, figures, store
-from vae_sweeps.errors import UserError, redact
+from vae_sweeps import claims, figures, identity, store
+from vae_sweeps.errors import UserError, config_folder, redact
 from vae_sweeps.tables import (DASH, FLAG, FLUCTUATION, PROJECT, RECORD, TABLES_FILE, brief_markdown, build_table,
                                cell_key, evaluation_markdown, finished_groups, load_runs, pick_group, row_label,
                                row_settings, table_markdown)
@@ -379,7 +379,7 @@ def differences(built: Path, published: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = OmegaConf.load(PROJECT / "conf" / "config.yaml").tracking
+    defaults = OmegaConf.load(identity.CONF_DIR / "config.yaml").tracking
     parser = argparse.ArgumentParser(prog="python -m vae_sweeps.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default: reports)")
     parser.add_argument("--tracking-uri", default=defaults.uri,
@@ -392,9 +392,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check", type=Path, metavar="DIR",
                         help="build into a temporary folder and compare its tables, claims, CSVs and summary with "
                              "DIR's, byte for byte (exit 1 if any differs); writes nothing")
+    parser.add_argument("--config-dir", type=config_folder, metavar="DIR",
+                        help="a folder of your own options (DIR/<axis>/<name>.yaml), as a job's --config-dir: "
+                             "needed for runs of your own model, dataset, prior or loss")
     args = parser.parse_args(argv)
     try:
-        publish(args)
+        with identity.project_config(args.config_dir):
+            publish(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)

@@ -116,8 +116,9 @@ def train(cfg: DictConfig) -> dict:
         module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim),
                            prior=plain(cfg.prior), image_shape=tuple(datamodule.image_shape))
         trainer = make_trainer(cfg, [run.epoch_end], Path(cfg.paths.output_dir))
-        trainer.fit(module, datamodule=datamodule, ckpt_path=run.resume_from, weights_only=True)
-        test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        lightning_data = datamodule.lightning()
+        trainer.fit(module, datamodule=lightning_data, ckpt_path=run.resume_from, weights_only=True)
+        test = trainer.test(module, datamodule=lightning_data, verbose=False)[0]
         metrics, tags = evaluation.compute(list(evaluation.PARTS), module.vae, datamodule, identity.params(cfg),
                                            run.uri, run.experiment)
         run.finish({**test, **metrics}, tags, module.vae, datamodule)
