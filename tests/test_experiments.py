@@ -20,6 +20,18 @@ from vae_sweeps.errors import ConfigError
 SPEC = yaml.safe_load((ROOT / "experiments" / "tables.yaml").read_text())
 TABLES, MORE = SPEC["tables"], SPEC["more_seeds"]
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+# Each experiment's jobs in the order its sweep runs them, as "<run name> <run_key>": the study
+# skips the FINISHED runs and resumes the KILLED ones of a part by their run_key, and the order
+# decides what a stopped study has done (every configuration's first seed first, where a part
+# runs seed by seed).
+JOBS_FILE = ROOT / "tests" / "experiment_jobs.yaml"
+JOBS_HEADER = """\
+# Each experiment's jobs (conf/experiment/), in the order its sweep runs them: the run name and the
+# run's identity (vae_sweeps.identity.run_key), by which the study skips FINISHED runs and resumes
+# KILLED ones. tests/test_experiments.py checks every experiment against this file, so that a change
+# of a study part's jobs or of their order is seen and deliberate; after a deliberate change,
+# `python tests/test_experiments.py` writes it anew.
+"""
 
 
 def planned(*arguments: str, sweep: dict | None = None):
@@ -112,6 +124,17 @@ def test_the_experiment_plans_its_tables_cells_and_nothing_else(experiment):
     assert {c.trainer.max_epochs for c in configs} == {30}  # the study's budget
 
 
+def job_lines(experiment: str) -> list[str]:
+    """The experiment's jobs as JOBS_FILE lists them."""
+    _, configs, _, _ = planned_experiment(experiment)
+    return [f"{identity.run_name(cfg)} {identity.run_key(cfg)}" for cfg in configs]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_the_experiment_plans_the_recorded_jobs_in_the_recorded_order(experiment):
+    assert job_lines(experiment) == yaml.safe_load(JOBS_FILE.read_text())[experiment]
+
+
 def test_the_first_seed_of_every_configuration_runs_first():
     jobs, configs, _ = planned("experiment=table3")
     assert [c.seed for c in configs[:5]] == [0] * 5 and configs[5].seed == 1
@@ -168,3 +191,8 @@ def test_a_failing_job_does_not_stop_the_sweep_and_is_reported(tmp_path, tiny_ro
     assert "job 1 of 2: data.val_size=96\n" in done.stdout
     assert re.search(r"job 2 of 2: data.val_size=16, about .+ left\n", done.stdout), done.stdout[-2000:]
     assert [r.data.params["data.val_size"] for r in all_runs(tmp_path)] == ["16"]
+
+
+if __name__ == "__main__":  # JOBS_FILE anew, from today's experiments
+    JOBS_FILE.write_text(JOBS_HEADER + "".join(f"\n{experiment}:\n" + "".join(f"  - {line}\n" for line in job_lines(experiment))
+                                               for experiment in EXPERIMENTS))
