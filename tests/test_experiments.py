@@ -1,25 +1,33 @@
-"""Each experiment config composes to the jobs that fill its tables in
-experiments/tables.yaml (nothing is trained), and the study sweeper plans, checks and runs
-sweeps as documented."""
+"""Each experiment config runs the jobs that experiments/tables.yaml gives its part, in the
+order recorded in tests/experiment_jobs.yaml (nothing is trained), and the study sweeper plans,
+checks and runs sweeps as documented, a user's own ``params`` and ``grids`` included."""
 
 import functools
-import math
 import re
 
 import pytest
 import yaml
 from conftest import CONF_DIR, ROOT, all_runs, run_cli
 from hydra import compose, initialize_config_dir
-from hydra_plugins.vae_sweeps_sweeper.study_sweeper import expand_jobs, plan_jobs
+from hydra_plugins.vae_sweeps_sweeper.study_sweeper import expand_jobs, plan_jobs, study_grids
 
-from vae_sweeps import identity
+from vae_sweeps import identity, tables
 from vae_sweeps.errors import ConfigError
 
-# Each table: the settings it fixes, its rows and the experiment that fills it. The tables
-# define the study's parts; the tests below check conf/experiment/ against them.
-SPEC = yaml.safe_load((ROOT / "experiments" / "tables.yaml").read_text())
-TABLES, MORE = SPEC["tables"], SPEC["more_seeds"]
+SPEC = yaml.safe_load(tables.TABLES_FILE.read_text())
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+# Each experiment's jobs in the order its sweep runs them, as "<run name> <run_key>": the study
+# skips the FINISHED runs and resumes the KILLED ones of a part by their run_key, and the order
+# decides what a stopped study has done (every configuration's first seed first, where a part
+# runs seed by seed).
+JOBS_FILE = ROOT / "tests" / "experiment_jobs.yaml"
+JOBS_HEADER = """\
+# Each experiment's jobs (conf/experiment/), in the order its sweep runs them: the run name and the
+# run's identity (vae_sweeps.identity.run_key), by which the study skips FINISHED runs and resumes
+# KILLED ones. tests/test_experiments.py checks every experiment against this file, so that a change
+# of a study part's jobs or of their order is seen and deliberate; after a deliberate change,
+# `python tests/test_experiments.py` writes it anew.
+"""
 
 
 def planned(*arguments: str, sweep: dict | None = None):
@@ -37,89 +45,99 @@ def planned(*arguments: str, sweep: dict | None = None):
                 composed[key] = compose(config_name="config", overrides=[*arguments, *overrides])
             return composed[key]
 
-        grids = [dict(g) for g in master.hydra.sweeper.grids or []]
+        grids = study_grids(master.hydra.sweeper.part, master.hydra.sweeper.grids or [])
         jobs = [job for job, _ in plan_jobs(params, grids, arguments, job_config)]
         return jobs, [job_config(job) for job in jobs], master
 
 
 @functools.cache
 def planned_experiment(experiment: str):
-    """planned(f"experiment={experiment}"), plus each job's MLflow params (as its run logs
-    them); composed once per test session."""
-    jobs, configs, master = planned(f"experiment={experiment}")
-    return jobs, configs, master, [identity.params(cfg) for cfg in configs]
+    """planned(f"experiment={experiment}"), composed once per test session."""
+    return planned(f"experiment={experiment}")
 
 
-def cell(spec: dict, value) -> dict:
-    """The settings of one table cell: the table's fixed settings and the row's value (a list
-    of values where ``rows`` is a list of keys), as vae_sweeps/tables.py selects its runs."""
-    keys, values = (spec["rows"], value) if isinstance(spec["rows"], list) else ([spec["rows"]], [value])
-    return {**dict(zip(keys, values, strict=True)), **spec["fixed"]}
-
-
-def cells(experiment: str) -> list[dict]:
-    """The settings of every cell of the tables that ``experiment`` fills (and of the cells it
-    gives more seeds)."""
-    more = [cell(TABLES[table], value) for table, value in MORE["cells"]] if experiment == MORE["experiment"] else []
-    return more + [cell(spec, value) for spec in TABLES.values() if spec["experiment"] == experiment
-                   for value in spec["values"]]
-
-
-def planned_seeds(table: str, value) -> list[int]:
-    """The seeds that the experiments plan for one table cell."""
-    _, _, _, runs = planned_experiment(TABLES[table]["experiment"])
-    if [table, value] in MORE["cells"]:
-        runs = runs + planned_experiment(MORE["experiment"])[3]
-    return sorted(int(params["seed"]) for params in runs if matches(params, cell(TABLES[table], value)))
-
-
-def matches(params: dict[str, str], settings: dict) -> bool:
-    """Whether a run with these params counts for a cell with these settings, as the report
-    matches them: None is a param the run lacks, and numbers compare as numbers."""
-    for key, value in settings.items():
-        if value is None or key not in params:
-            if (value is None) != (key not in params):
-                return False
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                if not math.isclose(float(params[key]), float(value)):
-                    return False
-            except ValueError:
-                return False
-        elif params[key] != str(value):
-            return False
-    return True
-
-
-@pytest.mark.parametrize("table", list(TABLES))
-def test_every_cell_of_the_table_is_planned_by_its_experiment(table):
-    """Each cell (the table's fixed settings and one row) gets exactly one job per seed: the
-    table's seeds, and MORE's for its cells."""
-    spec = TABLES[table]
-    for value in spec["values"]:
-        expected = spec["seeds"] + (MORE["seeds"] if [table, value] in MORE["cells"] else [])
-        assert planned_seeds(table, value) == expected, f"{table}, row {value}"
+def job_lines(experiment: str) -> list[str]:
+    """The experiment's jobs as JOBS_FILE lists them."""
+    _, configs, _ = planned_experiment(experiment)
+    return [f"{identity.run_name(cfg)} {identity.run_key(cfg)}" for cfg in configs]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_the_experiment_plans_its_tables_cells_and_nothing_else(experiment):
-    own = cells(experiment)
-    assert own, f"no table in experiments/tables.yaml is filled by conf/experiment/{experiment}.yaml"
-    jobs, configs, master, runs = planned_experiment(experiment)
-    assert [" ".join(job) for job, params in zip(jobs, runs) if not any(matches(params, c) for c in own)] == []
-    assert master.hydra.mode.name == "MULTIRUN"
+def test_the_experiment_plans_the_recorded_jobs_in_the_recorded_order(experiment):
+    assert job_lines(experiment) == yaml.safe_load(JOBS_FILE.read_text())[experiment]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_each_experiment_is_a_multirun_of_its_part_at_the_study_budget(experiment):
+    _, configs, master = planned_experiment(experiment)
+    assert master.hydra.mode.name == "MULTIRUN" and master.hydra.sweeper.part == experiment
     assert {c.tags.part for c in configs} == {experiment}
     assert {c.trainer.max_epochs for c in configs} == {30}  # the study's budget
 
 
+def test_every_part_that_tables_yaml_names_is_an_experiment():
+    named = {table["experiment"] for table in SPEC["tables"].values()} | {SPEC["more_seeds"]["experiment"]}
+    assert named == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("table", list(SPEC["tables"]))
+def test_the_overrides_of_a_cell_give_a_run_with_the_cells_settings(table):
+    """What the sweeper launches for a cell logs the params by which the report finds the cell:
+    ``<axis>.name`` chose the axis's option, the other keys are values, a null is no param."""
+    spec = SPEC["tables"][table]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for value in spec["values"]:
+            settings = tables.cell_settings(spec, value)
+            overrides = [f"{key}={v}" for key, v in tables.overrides(settings).items()]
+            params = identity.params(compose(config_name="config", overrides=overrides))
+            assert {key: params.get(key) for key in settings} == {
+                key: None if v is None else str(v) for key, v in settings.items()}, overrides
+
+
+def test_a_part_runs_its_tables_in_turn_each_seed_by_seed_then_its_more_seeds():
+    spec = {"tables": {
+        "a": {"fixed": {"data.name": "mnist"}, "rows": "model.name", "values": ["mlp2", "cnn"],
+              "experiment": "p", "seeds": [0, 1]},
+        "b": {"fixed": {"model.name": "mlp3"}, "rows": ["prior.name", "prior.kl"],
+              "values": [["gmm", "mc"], ["none", None]], "experiment": "p", "seeds": [0]},
+        "c": {"fixed": {}, "rows": "loss.name", "values": ["l1"], "experiment": "other", "seeds": [0]}},
+        "more_seeds": {"experiment": "p", "seeds": [5, 6], "cells": [["b", ["none", None]], ["a", "cnn"]]}}
+    jobs = [" ".join(f"{k}={v}" for k, v in tables.overrides(job).items()) for job in tables.part_jobs("p", spec)]
+    assert jobs == ["seed=0 model=mlp2 data=mnist", "seed=0 model=cnn data=mnist",
+                    "seed=1 model=mlp2 data=mnist", "seed=1 model=cnn data=mnist",
+                    "seed=0 prior=gmm prior.kl=mc model=mlp3", "seed=0 prior=none model=mlp3",
+                    "seed=5 prior=none model=mlp3", "seed=5 model=cnn data=mnist",
+                    "seed=6 prior=none model=mlp3", "seed=6 model=cnn data=mnist"]
+    assert [job["loss.name"] for job in tables.part_jobs("other", spec)] == ["l1"]
+
+
+def test_a_part_is_its_tables_not_also_grids_and_must_be_named_by_one():
+    with pytest.raises(ConfigError, match="cannot be given together"):
+        study_grids("table1", [{"model": "cnn"}])
+    with pytest.raises(ConfigError, match="no table of .*tables.yaml .* has experiment: nope"):
+        study_grids("nope", [])
+    assert study_grids(None, [{"model": "mlp2,cnn"}]) == [{"model": "mlp2,cnn"}]
+
+
+def test_a_users_own_experiment_sweeps_its_params_and_grids(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n"
+        "    params: {seed: '0,1'}\n    grids: [{model: 'mlp2,cnn'}, {loss: l1}]\n")
+    _, configs, _ = planned(f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine")
+    assert [(c.seed, c.model.name, c.loss.name) for c in configs] == [
+        (0, "mlp2", "bce"), (0, "cnn", "bce"), (1, "mlp2", "bce"), (1, "cnn", "bce"), (0, "mlp3", "l1"), (1, "mlp3", "l1")]
+
+
 def test_the_first_seed_of_every_configuration_runs_first():
-    jobs, configs, _ = planned("experiment=table3")
+    _, configs, _ = planned_experiment("table3")
     assert [c.seed for c in configs[:5]] == [0] * 5 and configs[5].seed == 1
 
 
 def test_command_line_values_win_over_the_experiment():
     jobs, configs, _ = planned("experiment=fashion", "seed=0", "trainer.max_epochs=5")
-    assert len(jobs) == len({frozenset(c.items()) for c in cells("fashion")})  # one per distinct cell: 10
+    cells = {frozenset((k, v) for k, v in job.items() if k != "seed") for job in tables.part_jobs("fashion")}
+    assert len(jobs) == len(cells) == 10  # one per distinct cell of the three tables
     assert {(c.seed, c.trainer.max_epochs) for c in configs} == {(0, 5)}
 
 
@@ -168,3 +186,9 @@ def test_a_failing_job_does_not_stop_the_sweep_and_is_reported(tmp_path, tiny_ro
     assert "job 1 of 2: data.val_size=96\n" in done.stdout
     assert re.search(r"job 2 of 2: data.val_size=16, about .+ left\n", done.stdout), done.stdout[-2000:]
     assert [r.data.params["data.val_size"] for r in all_runs(tmp_path)] == ["16"]
+
+
+if __name__ == "__main__":  # JOBS_FILE anew, from today's experiments
+    listed = [f"\n{experiment}:\n" + "".join(f"  - {line}\n" for line in job_lines(experiment))
+              for experiment in EXPERIMENTS]
+    JOBS_FILE.write_text(JOBS_HEADER + "".join(listed))

@@ -7,7 +7,8 @@ group that matches the table's fixed settings and the row's value (``pick_group`
 match (a quick and a full budget, say) the one with the most epochs wins, then the most seeds,
 then the newest. A cell reports mean +- std over the group's seeds. A run logged before a
 setting existed counts as having that setting's current default. The tables are defined in
-``experiments/tables.yaml``.
+``experiments/tables.yaml``, which also says which jobs fill them: ``part_jobs`` reads it for
+the study sweeper, so each part's grid and its tables have one source.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow import MlflowClient
 
 from vae_sweeps import identity, metrics, store
@@ -158,11 +160,20 @@ def non_default(group: pd.DataFrame, own: dict) -> str:
 # ---------------------------------------------------------------------------- tables
 
 
+def overrides(settings: dict) -> dict[str, str]:
+    """Settings (MLflow param keys, as tables.yaml gives them) as Hydra overrides {key: value}: an
+    axis's ``<axis>.name`` is the choice of its option (``model.name: cnn`` is ``model=cnn``),
+    any other key a value (``model.latent_dim=2``), and None is no override (a param that the
+    run lacks, as ``prior.kl`` under the standard prior)."""
+    def key(name: str) -> str:
+        return name.removesuffix(".name") if name.removesuffix(".name") in identity.AXES else name
+    return {key(name): str(value) for name, value in settings.items() if value is not None}
+
+
 def fill_command(settings: dict, seeds) -> str:
     """The sweep that would fill a cell (or add seeds to it): its settings as overrides, over ``seeds``."""
-    groups = {"model.name": "model", "loss.name": "loss", "data.name": "data", "prior.name": "prior"}
-    overrides = [f"{groups.get(k, k)}={v}" for k, v in settings.items() if v is not None]
-    return f"python -m vae_sweeps -m {' '.join(overrides)} seed={','.join(map(str, seeds))}"
+    choices = " ".join(f"{key}={value}" for key, value in overrides(settings).items())
+    return f"python -m vae_sweeps -m {choices} seed={','.join(map(str, seeds))}"
 
 
 def row_keys(spec: dict) -> list[str]:
@@ -179,6 +190,32 @@ def row_settings(spec: dict, value) -> dict:
     return dict(zip(row_keys(spec), values))
 
 
+def cell_settings(spec: dict, value) -> dict:
+    """The settings of a table's cell: its row's value(s) and the table's fixed settings."""
+    return {**row_settings(spec, value), **spec["fixed"]}
+
+
+def part_jobs(part: str, spec: dict | None = None) -> list[dict]:
+    """The settings of every job of the study part ``part`` (conf/experiment/<part>.yaml), in the
+    order its sweep runs them. ``spec`` (by default experiments/tables.yaml) is the one place that
+    says which jobs a part has: the cells of every table whose ``experiment`` is ``part``, over the
+    table's seeds, and the cells of ``more_seeds`` over its seeds if its ``experiment`` is ``part``.
+
+    The order: table by table as listed, then ``more_seeds``; each of them seed by seed, all its
+    cells (in the order of ``values`` or ``cells``) at one seed before any at the next, so that a
+    table whose sweep stopped half-way has the same seeds in every row. A cell shared by two
+    tables is listed twice; the sweeper runs the same configuration once (its first place)."""
+    spec = spec or yaml.safe_load(TABLES_FILE.read_text())
+    tables = spec["tables"]
+    blocks = [(table["seeds"], [(table, value) for value in table["values"]])
+              for table in tables.values() if table["experiment"] == part]
+    more = spec.get("more_seeds")
+    if more and more["experiment"] == part:
+        blocks.append((more["seeds"], [(tables[name], value) for name, value in more["cells"]]))
+    return [{"seed": seed, **cell_settings(table, value)} for seeds, cells in blocks for seed in seeds
+            for table, value in cells]
+
+
 def cell_key(value):
     """A row value as a dict key (several-key rows are lists in the YAML)."""
     return tuple(value) if isinstance(value, list) else value
@@ -190,7 +227,7 @@ def build_table(done: pd.DataFrame, spec: dict) -> tuple[pd.DataFrame, list[str]
     published = spec.get("published") or {}
     label = row_label(spec)
     for value in spec["values"]:
-        settings = {**row_settings(spec, value), **spec["fixed"]}
+        settings = cell_settings(spec, value)
         group = pick_group(done, settings)
         row = {label: "/".join(str(v) for v in row_settings(spec, value).values() if v is not None)}
         if group.empty:

@@ -5,6 +5,10 @@ and ``hydra.sweeper.params`` form a product, launched in batches of at most
 - ``grids``: a sweep can be a union of grids. Each grid is a product, like
   ``hydra.sweeper.params``, and the sweep runs every distinct job of all of them. A key given
   on the command line replaces that key in ``params`` and in every grid.
+- ``part``: a part of the study, by its name (each conf/experiment/ config sets it): its jobs
+  are the cells of the tables in experiments/tables.yaml that name it as their ``experiment``,
+  over their seeds (vae_sweeps.tables.part_jobs), each job a grid of one point. The tables are
+  the only place that lists a part's jobs, so the grid that runs is the one the report reads.
 - Every job's config is composed and checked before any job starts. If any value is bad, the
   sweep trains nothing and says which jobs have which bad values.
 - Jobs whose configs are the same (``model=mlp3`` in one grid, ``model.latent_dim=2`` in
@@ -78,6 +82,25 @@ def expand_jobs(params: dict, grids: Sequence[dict], arguments: Sequence[str],
                                   "range(...) or choice(...), not an interval.")
         jobs += [list(job) for job in itertools.product(*choices.values())]
     return jobs
+
+
+def study_grids(part: str | None, grids: Sequence[dict]) -> list[dict]:
+    """The sweep's grids: ``grids``, or for a ``part`` of the study one grid per job of that part
+    (a grid of single values, so a key on the command line still replaces or sweeps it), in the
+    order of vae_sweeps.tables.part_jobs. Raises ConfigError for both, or for a part that no
+    table names."""
+    if not part:
+        return [dict(grid) for grid in grids]
+    from vae_sweeps import tables
+
+    if grids:
+        raise ConfigError(f"hydra.sweeper.part={part} and hydra.sweeper.grids cannot be given together: "
+                          "a part's grid is its tables' cells (experiments/tables.yaml).")
+    jobs = tables.part_jobs(part)
+    if not jobs:
+        raise ConfigError(f"hydra.sweeper.part={part}: no table of {tables.TABLES_FILE} (nor its more_seeds) "
+                          f"has experiment: {part}.")
+    return [tables.overrides(job) for job in jobs]
 
 
 def plan_jobs(params: dict, grids: Sequence[dict], arguments: Sequence[str],
@@ -211,11 +234,12 @@ class Progress:
 
 class StudySweeper(Sweeper):
     def __init__(self, max_batch_size: int | None = None, params: dict | None = None,
-                 grids: list | None = None, dry_run: bool = False):
+                 grids: list | None = None, part: str | None = None, dry_run: bool = False):
         super().__init__()
         self.max_batch_size = max_batch_size
         self.params = dict(params or {})
         self.grids = [dict(grid) for grid in grids or []]
+        self.part = part
         self.dry_run = dry_run
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
@@ -239,7 +263,8 @@ class StudySweeper(Sweeper):
 
         assert self.config is not None and self.launcher is not None and self.progress is not None
         try:
-            planned = plan_jobs(self.params, self.grids, arguments, self.compose, self.hydra_context.config_loader)
+            grids = study_grids(self.part, self.grids)
+            planned = plan_jobs(self.params, grids, arguments, self.compose, self.hydra_context.config_loader)
         except ConfigError as err:
             raise SweepFailed(str(err), status=2) from err
         common, names = describe([job for job, _ in planned])
