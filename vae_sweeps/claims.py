@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 from scipy import stats
 
+from vae_sweeps.identity import PROJECT
 from vae_sweeps.tables import fill_command
 
-CLAIMS_FILE = Path(__file__).resolve().parents[1] / "experiments" / "claims.yaml"
+CLAIMS_FILE = PROJECT / "experiments" / "claims.yaml"
 LEVEL = 0.95
 ALPHA = (1 - LEVEL) / 2  # one-sided: a 95% interval beyond a bound is a one-sided test at 2.5%
 POWER = 0.8

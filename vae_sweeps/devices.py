@@ -14,6 +14,8 @@ The functions taking ``gpus`` are pure, so they are tested with any count; ``gpu
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import OmegaConf
 
 # The Trainer's accelerators that train on a CUDA GPU when there is one.
@@ -56,3 +58,13 @@ def job_number() -> int:
     if not HydraConfig.initialized():
         return 0
     return OmegaConf.select(HydraConfig.get(), "job.num", default=0, throw_on_missing=False) or 0
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the system tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def joblib_jobs(n_jobs: int) -> int:
+    """joblib's ``n_jobs`` as a number of jobs at once: -1 is every usable core, -2 all but one..."""
+    return usable_cores() + 1 + n_jobs if n_jobs < 0 else n_jobs

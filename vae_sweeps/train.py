@@ -47,13 +47,10 @@ def torch_threads(cfg: DictConfig) -> int:
     with ``hydra/launcher=joblib_gpu``)."""
     if cfg.get("threads"):
         return cfg.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
     if launcher.get("cpus_per_task"):
         return launcher.cpus_per_task
-    jobs = launcher.get("n_jobs") or 1
-    jobs = cores + 1 + jobs if jobs < 0 else jobs  # joblib: -1 = every core, -2 = all but one
-    return max(1, cores // max(1, jobs))
+    return max(1, devices.usable_cores() // max(1, devices.joblib_jobs(launcher.get("n_jobs") or 1)))
 
 
 def progress_bar(cfg: DictConfig) -> bool:

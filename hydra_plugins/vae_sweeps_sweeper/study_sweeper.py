@@ -39,7 +39,6 @@ import contextlib
 import io
 import itertools
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -52,6 +51,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from vae_sweeps import devices
 from vae_sweeps.errors import ConfigError, SweepFailed
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,7 @@ def jobs_at_once(launcher: DictConfig, batch: int) -> int:
         at_once = int(launcher.get("n_jobs") or launcher.get("array_parallelism") or 1)
     except Exception:  # an interpolation that does not resolve here: only the estimate suffers
         at_once = 1
-    if at_once < 0:
-        at_once += 1 + (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    return max(1, min(at_once, batch))
+    return max(1, min(devices.joblib_jobs(at_once), batch))
 
 
 def duration(seconds: float) -> str:
