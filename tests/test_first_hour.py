@@ -18,7 +18,7 @@ from vae_sweeps import backfill, identity, store, tracking
 from vae_sweeps.config import validate
 from vae_sweeps.data import ImageDataModule
 from vae_sweeps.errors import BadValue, ConfigError, DataError
-from vae_sweeps.runs import resume_or_start
+from vae_sweeps.runs import resume
 from vae_sweeps.train import make_trainer, train
 
 # A small model and a short evaluation: the model does not matter here.
@@ -171,11 +171,12 @@ def test_a_run_killed_before_its_first_checkpoint_says_why_it_trains_anew(make_c
     cfg = make_cfg()
     validate(cfg)
     client, experiment_id = store.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
-    killed = tracking.start_run(client, experiment_id, cfg, tmp_path / "earlier")
+    killed = tracking.start_run(client, experiment_id, tmp_path / "earlier", identity.run_name(cfg),
+                                identity.params(cfg), tracking.config_yaml(cfg))
     client.set_terminated(killed, "KILLED")
     with caplog.at_level(logging.WARNING, logger="vae_sweeps.runs"):
-        run_id, epochs = resume_or_start(client, experiment_id, cfg, identity.run_key(cfg), tmp_path / "out")
-    assert (run_id != killed, epochs) == (True, 0)
+        run_id, epochs = resume(client, experiment_id, identity.run_key(cfg), tmp_path / "out")
+    assert (run_id, epochs) == (None, 0)  # a new run starts
     assert f"No checkpoint was saved before the stop: training anew; the KILLED run {killed} stays" in caplog.text
     assert client.get_run(killed).info.status == "KILLED"
 
@@ -222,7 +223,9 @@ def finished_store(make_cfg, tmp_path):
     client, experiment_id = store.open_store(uri, "vae_sweeps")
     cfg = make_cfg()
     validate(cfg)
-    client.set_terminated(tracking.start_run(client, experiment_id, cfg, tmp_path / "out"), "FINISHED")
+    started = tracking.start_run(client, experiment_id, tmp_path / "out", identity.run_name(cfg),
+                                 identity.params(cfg), tracking.config_yaml(cfg))
+    client.set_terminated(started, "FINISHED")
     return uri
 
 

@@ -10,7 +10,7 @@ The rules, in the order a launch meets them:
    - RUNNING runs whose process on this host is gone are closed (``close_dead_runs``): KILLED and
      resumable if their checkpoint is on disk (``keep_checkpoint``), FAILED otherwise;
    - the newest KILLED run that saved a checkpoint is reopened and resumes after its last
-     completed epoch, or else a new run starts (``resume_or_start``).
+     completed epoch (``resume``), or else a new run starts.
 2. Each training epoch ends by saving the whole training state, then logging the epoch's means
    (``EpochEnd``): the store never runs ahead of the checkpoint.
 3. The run ends FINISHED; or, on Ctrl-C, SIGTERM or a scheduler's stop, KILLED with its last
@@ -250,26 +250,25 @@ def _refuse_resume(client, run_id: str, reason: str) -> None:
     client.set_tag(run_id, "error", reason[:5000])
 
 
-def resume_or_start(client, experiment_id: str, cfg: DictConfig, key: str, output_dir: Path
-                    ) -> tuple[str, int]:
-    """(run id, completed epochs in its checkpoint): the newest KILLED run of this configuration
-    that saved a checkpoint, reopened with its checkpoint downloaded to ``checkpoint_path``, or
-    else a new run (0 epochs).
+def resume(client, experiment_id: str, key: str, output_dir: Path) -> tuple[str | None, int]:
+    """(run id, completed epochs in its checkpoint) of the newest KILLED run of this configuration
+    that saved a checkpoint, reopened with its checkpoint downloaded to ``checkpoint_path``;
+    (None, 0) where there is none: a new run starts.
 
     A checkpoint that is gone (a store restored from its published records has no artifacts), or
     that is not of this configuration (its record holds another identity, or none), is refused:
     its run loses ``resume_from_epoch``, says why in its ``error`` tag, and a new run starts from
     epoch 0, as the foreign weights are of no use to it."""
-    killed = None if cfg.force else store.latest_run(client, experiment_id, key, "KILLED")
+    killed = store.latest_run(client, experiment_id, key, "KILLED")
     if killed is None:
-        return tracking.start_run(client, experiment_id, cfg, output_dir), 0
+        return None, 0
     run_id = killed.info.run_id
     if "resume_from_epoch" not in killed.data.tags:
         why = killed.data.tags.get("error", "")
         if not why.startswith("its checkpoint"):  # not refused by an earlier launch (below): stopped too soon
             why = "no checkpoint was saved before the stop"
         log.warning("%s%s: training anew; the KILLED run %s stays", why[0].upper(), why[1:], run_id)
-        return tracking.start_run(client, experiment_id, cfg, output_dir), 0
+        return None, 0
     checkpoint = checkpoint_path(output_dir, run_id)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -278,14 +277,14 @@ def resume_or_start(client, experiment_id: str, cfg: DictConfig, key: str, outpu
         log.warning("Run %s stopped after epoch %s, but its checkpoint is gone (%s): training anew; the KILLED "
                     "run stays", run_id, killed.data.tags["resume_from_epoch"], err)
         _refuse_resume(client, run_id, f"its checkpoint was gone when the next launch came: {err}")
-        return tracking.start_run(client, experiment_id, cfg, output_dir), 0
+        return None, 0
     record = saved_record(checkpoint)
     if record.get("run_key") != key:
         reason = f"its checkpoint is of another configuration ({record.get('run_key')}, not {key}), so it was not resumed"
         log.warning("Run %s: %s; starting a new run", run_id, reason)
         _refuse_resume(client, run_id, reason)
         checkpoint.unlink()
-        return tracking.start_run(client, experiment_id, cfg, output_dir), 0
+        return None, 0
     epochs = record["epochs"]  # the file's, which a run stopped by an older version may have tagged one short
     log_saved_epoch(client, run_id, record)
     client.update_run(run_id, status="RUNNING")
@@ -309,6 +308,7 @@ class Run:
 
     uri: str
     experiment: str
+    params: dict = field(default_factory=dict)  # identity.params: what the run logged as its params
     result: dict = field(default_factory=dict)
     client: object = None
     id: str | None = None
@@ -352,23 +352,27 @@ def tracked_run(cfg: DictConfig, datamodule) -> Iterator[Run]:
     output_dir = Path(cfg.paths.output_dir)
     store.quiet_downloads()
     client, experiment_id = store.open_store(uri, run.experiment)
-    key = identity.run_key(cfg)
+    key, name, params = identity.run_key(cfg), identity.run_name(cfg), identity.params(cfg)
+    run.params = params
     with store.lock(uri, key):  # of two launches of this configuration at once, the second sees the first's run
         skipped = None if cfg.force else already_taken(client, experiment_id, key)
         if skipped is not None:
-            log.info("Skipped %s: %s", identity.run_name(cfg), skipped["skipped"])
+            log.info("Skipped %s: %s", name, skipped["skipped"])
             run.result = skipped
             yield run
             return
         datamodule.load()
         close_dead_runs(client, experiment_id, key)
-        run_id, done = resume_or_start(client, experiment_id, cfg, key, output_dir)
+        run_id, done = (None, 0) if cfg.force else resume(client, experiment_id, key, output_dir)
+        if run_id is None:
+            run_id = tracking.start_run(client, experiment_id, output_dir, name, params, tracking.config_yaml(cfg),
+                                        cfg.get("tags"))
     record_reason(output_dir, None)  # an earlier attempt's, where a folder is used again
     run.client, run.id, run.caption = client, run_id, identity.caption(cfg, run_id)
     tracking.describe_run(client, run_id, datamodule, run.caption)
     for name, value in provenance_tags().items():
         client.set_tag(run_id, name, value)
-    log.info("MLflow run %s (%s)", run_id, identity.run_name(cfg))
+    log.info("MLflow run %s (%s)", run_id, name)
     checkpoint = checkpoint_path(output_dir, run_id)
     run.epoch_end = EpochEnd(checkpoint, client, run_id, epochs=done, key=key)
     run.resume_from = checkpoint if done else None

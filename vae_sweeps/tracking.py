@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -22,7 +23,6 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
-from vae_sweeps import identity
 from vae_sweeps.errors import redact
 
 # Set by the sweep's Hydra callback (hydra_plugins/vae_sweeps_sweeper/prepare_tracking.py) for
@@ -61,20 +61,21 @@ def process_tags(longest_epoch_s: float = 0.0) -> dict[str, str]:
             "longest_epoch_s": f"{longest_epoch_s:.0f}"}
 
 
-def start_run(client: MlflowClient, experiment_id: str, cfg: DictConfig, output_dir: Path) -> str:
-    """Create the run of one job and log its params, tags and resolved config."""
+def start_run(client: MlflowClient, experiment_id: str, output_dir: Path, name: str, params: dict[str, str],
+              config: str, user_tags: Mapping | None = None) -> str:
+    """Create the run of one job, named ``name``, and log its ``params`` (identity.params), its
+    tags (``user_tags``: the config's ``tags``) and its resolved ``config`` (config_yaml)."""
     tags = {"mlflow.source.name": "vae_sweeps", "output_dir": str(output_dir),
-            **process_tags(), **git_tags(),
-            **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
+            **process_tags(), **git_tags(), **{str(k): str(v) for k, v in (user_tags or {}).items()}}
     try:
         tags["mlflow.user"] = getpass.getuser()
     except Exception:  # no user name in some containers
         pass
     if sweep_id := os.environ.get(SWEEP_ID_ENV):
         tags["sweep_id"] = sweep_id
-    run_id = client.create_run(experiment_id, run_name=identity.run_name(cfg), tags=tags).info.run_id
-    client.log_batch(run_id, params=[Param(k, v) for k, v in identity.params(cfg).items()])
-    client.log_text(run_id, config_yaml(cfg), "config.yaml")
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    client.log_text(run_id, config, "config.yaml")
     return run_id
 
 

@@ -15,7 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vae_sweeps import devices, evaluation, identity, options, runs
+from vae_sweeps import devices, evaluation, options, runs
 from vae_sweeps.module import VAEModule
 from vae_sweeps.options import plain
 
@@ -116,7 +116,7 @@ def train(cfg: DictConfig) -> dict:
         lightning_data = datamodule.lightning()
         trainer.fit(module, datamodule=lightning_data, ckpt_path=run.resume_from, weights_only=True)
         test = trainer.test(module, datamodule=lightning_data, verbose=False)[0]
-        metrics, tags = evaluation.compute(list(evaluation.PARTS), module.vae, datamodule, identity.params(cfg),
-                                           run.uri, run.experiment)
+        metrics, tags = evaluation.compute(list(evaluation.PARTS), module.vae, datamodule, run.params, run.uri,
+                                           run.experiment)
         run.finish({**test, **metrics}, tags, module.vae, datamodule)
     return run.result
