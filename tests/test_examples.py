@@ -76,12 +76,14 @@ def test_user_options_train_for_an_epoch_through_the_cli(tmp_path):
     env = job_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES), env.get("PYTHONPATH")]))
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    done = [subprocess.run([sys.executable, "-m", *command, "--tracking-uri", uri, "--config-dir", str(EXAMPLES / "conf")],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-            for command in (["vae_sweeps.backfill", "--dry-run"], ["vae_sweeps.report", "--out", str(tmp_path / "report")])]
+    commands = (["vae_sweeps.backfill", "--dry-run"], ["vae_sweeps.report", "--out", str(tmp_path / "report")])
+    done = [subprocess.run([sys.executable, "-m", *command, "--tracking-uri", uri, "--config-dir",
+                            str(EXAMPLES / "conf")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            for command in commands]
     assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
     assert "0 FINISHED run(s) lack metrics of the evaluation." in done[0].stdout  # the Laplace prior's too
-    (listed,) = [row for row in (tmp_path / "report" / "runs.csv").read_text().splitlines()[1:] if run.info.run_id in row]
+    rows = (tmp_path / "report" / "runs.csv").read_text().splitlines()[1:]
+    (listed,) = [row for row in rows if run.info.run_id in row]
     assert "resmlp" in listed and "laplace" in listed
 
 
