@@ -61,15 +61,13 @@ def progress_bar(cfg: DictConfig) -> bool:
 
 def make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], output_dir: Path) -> pl.Trainer:
     """The ``trainer`` settings' Lightning Trainer with ``callbacks`` (runs.EpochEnd is the
-    Checkpoint callback: Lightning adds none of its own), and a log line per epoch where no
-    progress bar is shown (EpochLines)."""
+    Checkpoint callback: Lightning adds none of its own)."""
     quiet_lightning()
     settings = plain(cfg.trainer)
     settings["enable_progress_bar"] = progress_bar(cfg)
     # on a machine with several GPUs, job n of a sweep trains on GPU n mod GPUs, not all on the first
     settings = devices.pin_to_gpu(settings, devices.job_number(), devices.gpu_count())
-    lines = [] if settings["enable_progress_bar"] else [EpochLines()]
-    return pl.Trainer(**settings, callbacks=[*callbacks, *lines], logger=False, default_root_dir=output_dir)
+    return pl.Trainer(**settings, callbacks=callbacks, logger=False, default_root_dir=output_dir)
 
 
 class EpochLines(pl.callbacks.Checkpoint):
@@ -112,7 +110,8 @@ def train(cfg: DictConfig) -> dict:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim),
                            prior=plain(cfg.prior), image_shape=tuple(datamodule.image_shape))
-        trainer = make_trainer(cfg, [run.epoch_end], Path(cfg.paths.output_dir))
+        lines = [] if progress_bar(cfg) else [EpochLines()]  # without a bar, a log line per epoch
+        trainer = make_trainer(cfg, [run.epoch_end, *lines], Path(cfg.paths.output_dir))
         lightning_data = datamodule.lightning()
         trainer.fit(module, datamodule=lightning_data, ckpt_path=run.resume_from, weights_only=True)
         test = trainer.test(module, datamodule=lightning_data, verbose=False)[0]
