@@ -49,15 +49,19 @@ def first_epoch_logged(tmp_path, client):
     return runs and history(client, runs[0])
 
 
-def test_jobs_started_in_the_same_second_write_only_their_own_files(tmp_path, tiny_root):
-    client = prepared_store(tmp_path)
-    jobs = [subprocess.Popen([sys.executable, "-c", SAME_SECOND, *tiny_overrides(tmp_path, tiny_root), *QUICK,
-                              "trainer.max_epochs=1", f"seed={seed}"],
-                             cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for seed in (0, 1)]
+def together(tmp_path, commands: list[list[str]]) -> None:
+    """Start ``commands`` at once in tmp_path and wait until each has ended, with exit status 0."""
+    jobs = [subprocess.Popen(command, cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for command in commands]
     for job in jobs:
         _, err = job.communicate(timeout=300)
         assert job.returncode == 0, err[-2000:]
+
+
+def test_jobs_started_in_the_same_second_write_only_their_own_files(tmp_path, tiny_root):
+    client = prepared_store(tmp_path)
+    together(tmp_path, [[sys.executable, "-c", SAME_SECOND, *tiny_overrides(tmp_path, tiny_root), *QUICK,
+                         "trainer.max_epochs=1", f"seed={seed}"] for seed in (0, 1)])
     done = all_runs(tmp_path)
     folders = {Path(run.data.tags["output_dir"]) for run in done}
     assert len(done) == 2 and len(folders) == 2
@@ -73,13 +77,8 @@ def test_two_configurations_launched_into_one_output_folder_keep_their_own_check
     disk and uploaded, holds its own weights (before, the runs shared one file, and a run's
     stored checkpoint could be the other configuration's)."""
     client = prepared_store(tmp_path)
-    jobs = [subprocess.Popen([*slowed_cli(0.5), *tiny_overrides(tmp_path, tiny_root), *QUICK, f"seed={seed}",
-                              "hydra.run.dir=outputs/runs/same"],
-                             cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for seed in (11, 12)]
-    for job in jobs:
-        _, err = job.communicate(timeout=300)
-        assert job.returncode == 0, err[-2000:]
+    together(tmp_path, [[*slowed_cli(0.5), *tiny_overrides(tmp_path, tiny_root), *QUICK, f"seed={seed}",
+                         "hydra.run.dir=outputs/runs/same"] for seed in (11, 12)])
     done = all_runs(tmp_path)
     assert len(done) == 2 and all(run.info.status == "FINISHED" for run in done)
     assert {run.data.tags["output_dir"] for run in done} == {str(tmp_path / "outputs" / "runs" / "same")}
