@@ -163,6 +163,7 @@ def defaults(options: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=None)
 def _defaults(options: tuple[tuple[str, str], ...], searched: tuple[str, ...]) -> dict[str, str]:
+    # ``searched`` (compose adds it) is here to key the cache: a user's folder changes the answer
     overrides = [f"{axis}={option}" for axis, option in options] + ["paths.output_dir=."]
     try:
         cfg = compose(overrides)

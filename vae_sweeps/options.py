@@ -51,6 +51,7 @@ def option_config(axis: str, name: str) -> dict | None:
 
 @functools.lru_cache(maxsize=None)
 def _option_config(axis: str, name: str, searched: tuple[str, ...]) -> dict | None:
+    # ``searched`` (compose adds it) is here to key the cache: a user's folder changes the answer
     try:
         return plain(compose([f"{axis}={name}", "paths.output_dir=."])[axis])
     except Exception as err:  # no such option (any more)
