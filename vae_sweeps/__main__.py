@@ -30,6 +30,11 @@ def main(cfg: DictConfig) -> dict:
 
     try:
         validate(cfg)  # before Lightning is imported: a bad value is refused in seconds, not ten
+        if cfg.get("tune") and cfg.tune.get("study"):  # a worker of a tuning study (tune sweeper)
+            from vae_sweeps import tuning
+
+            tuning.check(cfg)
+            return tuning.work(cfg)
         from vae_sweeps.train import train
 
         result = train(cfg)

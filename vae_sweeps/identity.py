@@ -39,8 +39,9 @@ PROJECT = Path(__file__).resolve().parents[1]  # the project's folder: conf/, ex
 CONF_DIR = PROJECT / "conf"
 
 # Not params: Hydra's own settings, machine-specific paths, the tracking settings (the URI may
-# hold credentials), free-form tags, and force.
-NOT_PARAMS = ("hydra", "paths", "tracking", "tags", "force", "data.root")
+# hold credentials), free-form tags, force, and the tuning's settings (a trial's run logs the values
+# it trains with; vae_sweeps/tuning.py).
+NOT_PARAMS = ("hydra", "paths", "tracking", "tags", "force", "data.root", "tune")
 # Params that do not change a run's results either (a section name covers the whole section).
 NOT_RESULTS = (*NOT_PARAMS, "threads", "jobs_per_gpu", "data.download", "data.verify",
                "trainer.enable_progress_bar", "trainer.enable_model_summary")

@@ -61,22 +61,27 @@ def checkpoint_path(output_dir: str | Path, run_id: str) -> Path:
 # ---------------------------------------------------------------------------- is a run alive?
 
 
-def alive(run) -> bool:
-    """Whether a process may still be training the RUNNING ``run``. On this host: its process
-    (the ``pid`` tag) exists. On another host, where its process cannot be seen: its heartbeat
-    (set when it starts and after each epoch; else its start time) is younger than LIVE_FOR_S,
-    or than twice its longest epoch if that is longer."""
-    tags = run.data.tags
-    if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
+def process_alive(host: str | None, pid: str, heartbeat: float, longest_epoch_s: float = 0.0) -> bool:
+    """Whether process ``pid`` of ``host`` may still be at work. On this host: the process exists.
+    On another host, where its process cannot be seen: its ``heartbeat`` (a time in seconds) is
+    younger than LIVE_FOR_S, or than twice its longest epoch if that is longer."""
+    if host == socket.gethostname() and pid.isdigit():
         try:
-            os.kill(int(tags["pid"]), 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             return False
         except PermissionError:  # alive, another user's
             pass
         return True
-    beat = float(tags.get("heartbeat") or run.info.start_time / 1000)
-    return time.time() - beat < max(LIVE_FOR_S, 2 * float(tags.get("longest_epoch_s") or 0))
+    return time.time() - float(heartbeat) < max(LIVE_FOR_S, 2 * float(longest_epoch_s or 0))
+
+
+def alive(run) -> bool:
+    """Whether a process may still be training the RUNNING ``run`` (``process_alive``; its
+    heartbeat is set when it starts and after each epoch, else its start time counts)."""
+    tags = run.data.tags
+    return process_alive(tags.get("host"), tags.get("pid", ""), float(tags.get("heartbeat") or run.info.start_time / 1000),
+                         float(tags.get("longest_epoch_s") or 0))
 
 
 def live_run(client, experiment_id: str, key: str):
@@ -370,8 +375,8 @@ def tracked_run(cfg: DictConfig, datamodule) -> Iterator[Run]:
     record_reason(output_dir, None)  # an earlier attempt's, where a folder is used again
     run.client, run.id, run.caption = client, run_id, identity.caption(cfg, run_id)
     tracking.describe_run(client, run_id, datamodule, run.caption)
-    for name, value in provenance_tags().items():
-        client.set_tag(run_id, name, value)
+    for tag, value in provenance_tags().items():
+        client.set_tag(run_id, tag, value)
     log.info("MLflow run %s (%s)", run_id, name)
     checkpoint = checkpoint_path(output_dir, run_id)
     run.epoch_end = EpochEnd(checkpoint, client, run_id, epochs=done, key=key)

@@ -94,6 +94,12 @@ class EpochLines(pl.callbacks.Checkpoint):
                  time.monotonic() - self.began)
 
 
+def build_module(cfg: DictConfig, datamodule) -> VAEModule:
+    """The LightningModule of ``cfg``'s model, loss, optimiser and prior, for the data's images."""
+    return VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim),
+                     prior=plain(cfg.prior), image_shape=tuple(datamodule.image_shape))
+
+
 def train(cfg: DictConfig) -> dict:
     """Train, test and evaluate one job of the study, tracked in MLflow; returns its test metrics
     and run id. ``cfg`` has been checked (config.validate, where the job entered: __main__.py).
@@ -108,8 +114,7 @@ def train(cfg: DictConfig) -> dict:
         if run.skipped:
             return run.result
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        module = VAEModule(model=plain(cfg.model), loss=plain(cfg.loss), optim=plain(cfg.optim),
-                           prior=plain(cfg.prior), image_shape=tuple(datamodule.image_shape))
+        module = build_module(cfg, datamodule)
         lines = [] if progress_bar(cfg) else [EpochLines()]  # without a bar, a log line per epoch
         trainer = make_trainer(cfg, [run.epoch_end, *lines], Path(cfg.paths.output_dir))
         lightning_data = datamodule.lightning()

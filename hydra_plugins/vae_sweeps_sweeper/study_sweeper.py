@@ -260,6 +260,10 @@ class StudySweeper(Sweeper):
         from vae_sweeps import store
 
         assert self.config is not None and self.launcher is not None and self.progress is not None
+        if self.config.get("tune"):  # a tuning experiment (conf/tune/): one study per arm
+            from hydra_plugins.vae_sweeps_sweeper.tuning_sweep import TuningSweep
+
+            return TuningSweep(self).sweep(arguments)
         try:
             grids = study_grids(self.part, self.grids)
             planned = plan_jobs(self.params, grids, arguments, self.compose, self.hydra_context.config_loader)

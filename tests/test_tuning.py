@@ -1,0 +1,195 @@
+"""Equal-budget tuning (vae_sweeps/tuning.py, hydra_plugins/vae_sweeps_sweeper/tuning_sweep.py) on
+tiny data and a tiny budget: the settings' errors, the budget spent to the epoch, pruning, a kill
+and a second launch, and two workers sharing one study."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import all_runs, job_env, prepared_store, slowed_cli, tiny_overrides, tmp_store
+from vae_sweeps import trials, tuning
+from vae_sweeps.errors import ConfigError
+
+# One arm (mlp2), 12 epochs of budget, trials of 1 to 4 epochs, ASHA halving at 1, 2 and 4 epochs.
+TINY = ["experiment=tune_table1", "hydra.sweeper.part=null", "hydra.sweeper.params={model:mlp2}",
+        "tune.budget=12", "tune.min_epochs=1", "tune.max_epochs=4", "tune.reduction_factor=2",
+        "tune.space.data.batch_size.choices=[16,32]"]
+
+
+def tune_cli(tmp_path, tiny_root, *args, slowed: float = 0.0):
+    command = slowed_cli(slowed) if slowed else [sys.executable, "-m", "vae_sweeps"]
+    return [*command, *tiny_overrides(tmp_path, tiny_root), *TINY, *args]
+
+
+def run_tuning(tmp_path, tiny_root, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(tune_cli(tmp_path, tiny_root, *args), cwd=tmp_path, env=job_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def the_study(tmp_path) -> optuna.Study:
+    (summary,) = optuna.study.get_all_study_summaries(tuning.open_storage(f"journal:{tmp_path}/mlruns/tuning.journal"))
+    return optuna.load_study(study_name=summary.study_name,
+                             storage=tuning.open_storage(f"journal:{tmp_path}/mlruns/tuning.journal"))
+
+
+def trial_runs(tmp_path) -> list:
+    return [run for run in all_runs(tmp_path) if trials.STUDY in run.data.tags]
+
+
+# ---------------------------------------------------------------------------- bad settings
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+tune.space.optim.lrr={low: 0.1, high: 1.0}", "tune.space.optim.lrr is not allowed: optim.lrr is not a setting"),
+    ("tune.space.optim.lr={low: 0.01, high: 0.001}", "tune.space.optim.lr: low=0.01, high=0.001 is an empty range"),
+    ("tune.space.optim.lr={low: 0.0, high: 0.1, log: true}", "low=0.0 is not allowed with log: true"),
+    ("tune.space.data.batch_size={choices: []}", "tune.space.data.batch_size.choices=[] is not allowed"),
+    ("tune.budget=2", "tune.budget=2 is not allowed: it is below one trial (3 epochs: tune.min_epochs)"),
+    ("tune.min_epochs=40", "tune.min_epochs=40 is above tune.max_epochs=30"),
+    ("tune.reduction_factor=1", "tune.reduction_factor=1 is not allowed: it must be an integer >= 2"),
+])
+def test_bad_tuning_settings_are_refused_naming_the_value(make_cfg, override, message):
+    cfg = make_cfg("experiment=tune_table1", override)
+    with pytest.raises(ConfigError) as err:
+        tuning.check(cfg)
+    assert message in str(err.value)
+
+
+def test_a_budget_below_one_trial_of_several_seeds_counts_every_seed(make_cfg):
+    cfg = make_cfg("experiment=tune_table1", "tune.seeds=3", "tune.max_epochs=10", "tune.budget=25")
+    with pytest.raises(ConfigError, match=r"tune.budget=25 .* below one trial \(30 epochs: tune.max_epochs x tune.seeds\)"):
+        tuning.check(cfg)
+
+
+def test_the_space_gives_optuna_distributions_and_the_ends_to_check(make_cfg):
+    cfg = make_cfg("experiment=tune_table1")
+    found = tuning.distributions(cfg.tune.space)
+    lr, batch = found["optim.lr"], found["data.batch_size"]
+    assert (lr.low, lr.high, lr.log) == (1e-4, 1e-2, True) and batch.choices == (32, 64, 128, 256)
+    assert tuning.endpoints(cfg.tune.space) == [
+        {"optim.lr": 1e-4, "data.batch_size": 32}, {"optim.lr": 1e-2, "data.batch_size": 32},
+        *({"optim.lr": 1e-4, "data.batch_size": b} for b in (64, 128, 256))]
+
+
+def test_a_tuning_with_a_bad_value_trains_nothing(tmp_path, tiny_root):
+    # a choice that the config check refuses: said, naming the arm, before any trial
+    result = run_tuning(tmp_path, tiny_root, "tune.space.data.batch_size.choices=[16,0]")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "data.batch_size=0 is not allowed" in result.stderr and "none was started" in result.stderr
+    assert "model=mlp2" in result.stderr
+    assert trial_runs(tmp_path) == []
+
+
+def test_a_server_store_needs_a_tuning_storage_of_its_own(make_cfg):
+    cfg = make_cfg("experiment=tune_table1", "tracking.uri=http://127.0.0.1:5999")
+    with pytest.raises(ConfigError, match="tune.storage=null is not allowed with a tracking server"):
+        tuning.storage_url(cfg)
+
+
+# ---------------------------------------------------------------------------- a tiny tuning
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny_root):
+    """One uninterrupted tiny tuning: (its folder, the CLI's result)."""
+    folder = tmp_path_factory.mktemp("tuned")
+    prepared_store(folder)
+    return folder, run_tuning(folder, tiny_root)
+
+
+def test_a_tuning_spends_its_budget_to_the_epoch_and_prunes(tuned):
+    folder, result = tuned
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = the_study(folder)
+    done = study.get_trials()
+    assert sum(int(t.user_attrs["epochs"]) for t in done) == 12  # the budget, exactly
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in done)
+    assert any(t.state == TrialState.PRUNED for t in done) and any(t.state == TrialState.COMPLETE for t in done)
+    # every trial is a FINISHED run of the trials' experiment, with what it spent and reached
+    runs = {int(run.data.tags[trials.TRIAL]): run for run in trial_runs(folder)}
+    assert sorted(runs) == [t.number for t in done]
+    client = tmp_store(folder)
+    for t in done:
+        run = runs[t.number]
+        tags = run.data.tags
+        assert run.info.status == "FINISHED" and tags[trials.STATE] == t.state.name
+        assert int(tags[trials.EPOCHS]) == int(t.user_attrs["epochs"])
+        epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        assert epochs == list(range(1, int(tags[trials.EPOCHS]) + 1))
+        assert not any(key.startswith("test/") for key in run.data.metrics)  # the search never sees the test set
+        assert float(run.data.params["optim.lr"]) == pytest.approx(t.params["optim.lr"])
+        assert run.data.params["seed"] == "100" and tags[trials.KEYS] == "optim.lr,data.batch_size"
+        if t.state == TrialState.COMPLETE:  # trained its 4 epochs; its value is the last validation loss
+            assert int(tags[trials.EPOCHS]) == 4 and float(tags[trials.VALUE]) == pytest.approx(t.value)
+            assert epochs[-1] == 4 and t.value == pytest.approx(
+                max(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step).value)
+    winner = trials.winner(trials.load_trials(client, "vae_sweeps"))
+    assert winner["trial"] == study.best_trial.number
+    assert f"best {study.best_value:.3f} (trial {study.best_trial.number}" in result.stdout
+
+
+def test_a_second_launch_of_a_finished_tuning_trains_nothing(tuned, tiny_root):
+    folder, _ = tuned
+    before = len(trial_runs(folder))
+    again = run_tuning(folder, tiny_root)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(trial_runs(folder)) == before and "0 trial(s) trained by this worker, 12 of 12 epochs" in again.stdout
+
+
+def test_a_killed_tuning_resumes_and_ends_with_the_same_best_trial(tuned, tmp_path, tiny_root):
+    prepared_store(tmp_path)
+    client = tmp_store(tmp_path)
+    job = subprocess.Popen(tune_cli(tmp_path, tiny_root, slowed=1.0), cwd=tmp_path, env=job_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    # kill it in the middle of a trial that has trained an epoch, after at least one trial ended
+    while time.time() < deadline:
+        runs = trial_runs(tmp_path)
+        running = [r for r in runs if r.info.status == "RUNNING"
+                   and client.get_metric_history(r.info.run_id, "val/loss")]
+        if running and any(r.info.status == "FINISHED" for r in runs):
+            break
+        time.sleep(0.3)
+    job.kill()
+    job.wait(timeout=60)
+    finished_before = {r.info.run_id for r in trial_runs(tmp_path) if r.info.status == "FINISHED"}
+    assert finished_before, "the kill came before any trial ended"
+
+    again = run_tuning(tmp_path, tiny_root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = the_study(tmp_path)
+    stopped = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert len(stopped) == 1 and "is gone" in stopped[0].user_attrs["stopped"]
+    (retry,) = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == stopped[0].number]
+    assert retry.params == stopped[0].params
+    (resumed,) = [r for r in trial_runs(tmp_path) if r.data.tags[trials.TRIAL] == str(retry.number)]
+    assert int(resumed.data.tags["resumed_from_epoch"]) >= 1  # from the killed trial's checkpoint
+    runs = trial_runs(tmp_path)
+    # no finished trial trained again: one run per configuration, the killed one resumed
+    assert len({r.info.run_id for r in runs}) == len(runs) == len(study.get_trials()) - 1
+    assert finished_before <= {r.info.run_id for r in runs}
+    assert sum(int(t.user_attrs["epochs"]) for t in study.get_trials()) == 12  # the budget, exactly
+    uninterrupted = the_study(tuned[0])
+    assert study.best_trial.params == uninterrupted.best_trial.params
+    assert study.best_value == pytest.approx(uninterrupted.best_value, rel=1e-4)
+
+
+def test_two_workers_share_one_study_without_duplicate_trials(tmp_path, tiny_root):
+    prepared_store(tmp_path)
+    result = run_tuning(tmp_path, tiny_root, "tune.workers=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                        "threads=1", "tune.budget=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = the_study(tmp_path)
+    done = study.get_trials()
+    assert sum(int(t.user_attrs["epochs"]) for t in done) == 16
+    assert len({t.user_attrs["pid"] for t in done}) == 2  # both workers trained trials
+    runs = trial_runs(tmp_path)
+    numbers = [int(r.data.tags[trials.TRIAL]) for r in runs]
+    assert sorted(numbers) == sorted(set(numbers)) == [t.number for t in done]
+    assert all(r.info.status == "FINISHED" for r in runs)
