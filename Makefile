@@ -37,7 +37,7 @@ PROGRESS ?= results/in-progress/mlflow.db
 run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep study save-study study-quick report evaluate results check-results test bench server ui clean
+.PHONY: help install train sweep study save-study study-quick tune tuned report evaluate results check-results test bench server ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -63,6 +63,12 @@ save-study: ## Copy the running study's records (no artifacts) to results/in-pro
 
 study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (<20 min on 2 CPU cores)
 	@$(call run_study,$(QUICK) $(ARGS))
+
+tune: ## Equal-budget tuning of Table 1's architectures (Optuna, ASHA; docs/tuning.md), then make tuned
+	$(PY) -m vae_sweeps experiment=tune_table1 $(ARGS)
+
+tuned: ## Retrain each architecture's tuning winner at Table 1's seeds (experiment=table1_tuned)
+	$(PY) -m vae_sweeps experiment=table1_tuned $(ARGS)
 
 report: ## Rebuild the study's tables, claims and figures from MLflow into reports/ (no training)
 	$(PY) -m vae_sweeps.report $(ARGS)

@@ -15,7 +15,15 @@ from vae_sweeps import identity, tables
 from vae_sweeps.errors import ConfigError
 
 SPEC = yaml.safe_load(tables.TABLES_FILE.read_text())
-EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def _tunes(path) -> bool:
+    """Whether the experiment config is a tuning (it takes the tune settings: docs/tuning.md)."""
+    return any("/tune" in str(entry) for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []))
+
+
+# The study's parts; the tuning experiments (tune_*) tune a part's rows (tests/test_tuning.py).
+EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml") if not _tunes(path))
 # Each experiment's jobs in the order its sweep runs them, as "<run name> <run_key>": the study
 # skips the FINISHED runs and resumes the KILLED ones of a part by their run_key, and the order
 # decides what a stopped study has done (every configuration's first seed first, where a part

@@ -193,3 +193,30 @@ def test_two_workers_share_one_study_without_duplicate_trials(tmp_path, tiny_roo
     numbers = [int(r.data.tags[trials.TRIAL]) for r in runs]
     assert sorted(numbers) == sorted(set(numbers)) == [t.number for t in done]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_trial_of_several_seeds_is_the_mean_of_its_seeds(tmp_path, tiny_root):
+    prepared_store(tmp_path)
+    result = run_tuning(tmp_path, tiny_root, "tune.seeds=2", "tune.max_epochs=2", "tune.budget=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = the_study(tmp_path)
+    done = study.get_trials()
+    assert len(done) == 2 and all(t.state == TrialState.COMPLETE for t in done)  # 2 seeds x 2 epochs each
+    assert sum(int(t.user_attrs["epochs"]) for t in done) == 8
+    for t in done:
+        runs = [r for r in trial_runs(tmp_path) if r.data.tags[trials.TRIAL] == str(t.number)]
+        assert sorted(r.data.params["seed"] for r in runs) == ["100", "101"]
+        finals = [max(tmp_store(tmp_path).get_metric_history(r.info.run_id, "val/loss"), key=lambda m: m.step).value
+                  for r in runs]
+        assert t.value == pytest.approx(sum(finals) / 2)
+        assert all(float(r.data.tags[trials.VALUE]) == pytest.approx(t.value) for r in runs)
+        assert t.intermediate_values == {0: pytest.approx(finals[[r.data.params["seed"] for r in runs].index("100")]),
+                                         1: pytest.approx(finals[[r.data.params["seed"] for r in runs].index("101")])}
+
+
+def test_the_arms_of_tune_table1_are_the_rows_of_table1():
+    from hydra_plugins.vae_sweeps_sweeper.tuning_sweep import arm_overrides
+
+    arms = arm_overrides("table1", {}, [])
+    assert [arm[0] for arm in arms] == ["model=mlp2", "model=mlp3", "model=mlp4", "model=cnn"]
+    assert all("seed=0" not in arm and "model.latent_dim=2" in arm for arm in arms)
