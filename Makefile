@@ -37,7 +37,7 @@ PROGRESS ?= results/in-progress/mlflow.db
 run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep study save-study study-quick tune tuned report evaluate results check-results test bench server ui clean
+.PHONY: help install train sweep study save-study study-quick tune tuned report evaluate results check-results test bench bench-tuning server ui clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -94,6 +94,9 @@ test: ## Run the test suite
 
 bench: ## Training speed against a plain PyTorch loop, memory, CNN variants, sweep throughput (~6 min)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+bench-tuning: ## A tuning trial's fixed cost, and what pruning saves on 12 trials of mlp2 (~40 min; docs/tuning.md)
+	$(PY) benchmarks/tuning_bench.py $(BENCH_ARGS)
 
 server: ## MLflow tracking server with served artifacts, http://127.0.0.1:5000 (HOST, PORT, BACKEND)
 	$(PY) -m mlflow server --backend-store-uri $(BACKEND) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)

@@ -136,4 +136,33 @@ in_pg=$("$pg_bin/psql" -h 127.0.0.1 -p "$pg_port" -U "$pg_user" -d "$pg_db" -tA 
 [ "$in_pg" = "vae_sweeps 2;vae_sweeps-judges 1;" ] ||
   die "PostgreSQL holds FINISHED runs per experiment '$in_pg', expected 'vae_sweeps 2;vae_sweeps-judges 1;'"
 
-log "OK in ${SECONDS} s: PostgreSQL holds both runs and their judge, the report was written, the re-run skipped both jobs"
+# --- A tuning study in a database of its own, drawn by two workers at once (docs/tuning.md) ---
+# Its budget and queue are kept under PostgreSQL's advisory lock, which workers on every host reach.
+"$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U "$pg_user" optuna || die "createdb optuna failed"
+log "tuning: one study in PostgreSQL, two workers (hydra/launcher=joblib) through the server"
+"$PY" -m vae_sweeps experiment=tune_table1 hydra.sweeper.part=null 'hydra.sweeper.params={model:mlp2}' \
+  'model.hidden=[64]' +trainer.limit_train_batches=10 +trainer.limit_val_batches=2 data.download=false \
+  trainer.enable_progress_bar=false threads=1 hydra/launcher=joblib hydra.launcher.n_jobs=2 tune.workers=2 \
+  tune.budget=8 tune.min_epochs=1 tune.max_epochs=2 tune.reduction_factor=2 hydra.sweep.dir="$tmp/tune" \
+  "tune.storage=postgresql+psycopg://$pg_user@127.0.0.1:$pg_port/optuna" >"$tmp/tune.log" 2>&1 ||
+  { tail -n 30 "$tmp/tune.log" >&2; die "the tuning failed (above)"; }
+"$PY" - "postgresql+psycopg://$pg_user@127.0.0.1:$pg_port/optuna" <<'EOF' || die "the tuning study is not as expected (above)"
+import sys
+
+import optuna
+from mlflow.tracking import MlflowClient
+
+(summary,) = optuna.study.get_all_study_summaries(sys.argv[1])
+done = optuna.load_study(study_name=summary.study_name, storage=sys.argv[1]).get_trials()
+spent = sum(int(t.user_attrs["epochs"]) for t in done)
+client = MlflowClient()
+runs = client.search_runs([client.get_experiment_by_name("vae_sweeps_tuning").experiment_id])
+numbers = sorted(int(run.data.tags["tuning.trial"]) for run in runs)
+print(f"postgres-local: {len(done)} trials, {spent} epochs, by {len({t.user_attrs['pid'] for t in done})} workers")
+assert spent == 8, f"{spent} epochs spent, not the budget of 8"
+assert {t.state.name for t in done} <= {"COMPLETE", "PRUNED"}, [t.state.name for t in done]
+assert numbers == [t.number for t in done], f"runs of trials {numbers}, not each trial once"
+EOF
+
+log "OK in ${SECONDS} s: PostgreSQL holds both runs and their judge, the report was written, the re-run skipped both jobs,"
+log "   and a tuning study that two workers shared"

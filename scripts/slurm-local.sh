@@ -4,10 +4,12 @@
 # cgroups), then two checks:
 #   a. a 2-job sweep through hydra/launcher=slurm: both runs end FINISHED;
 #   b. a job with a 1-minute time limit that trains for longer: it is signalled, requeued and
-#      resumed, and ends FINISHED in the same MLflow run, every epoch logged once.
+#      resumed, and ends FINISHED in the same MLflow run, every epoch logged once;
+#   c. a tuning study (docs/tuning.md) drawn by two SLURM jobs at once: the two finish one study,
+#      no trial twice, its budget spent to the epoch.
 # Everything lives in one temp dir, removed at the end; every process started here is stopped
-# by its PID. Runs as root (slurmd starts the jobs as their user). About 6 minutes on 2 busy
-# cores, and never more than 10.
+# by its PID. Runs as root (slurmd starts the jobs as their user). About 8 minutes on 2 busy
+# cores, and never more than 14.
 #   scripts/slurm-local.sh        (needs `make install` and: apt-get install -y slurmctld slurmd munge)
 #   KEEP=1 scripts/slurm-local.sh  keeps the temp dir (logs, store, the jobs' submitit logs)
 set -euo pipefail
@@ -130,7 +132,7 @@ done
 [ "$(sinfo --noheader --format=%T)" = idle ] || die "the node is not idle after 30 s: $(sinfo)"
 
 # --- The checks: sweeps through hydra/launcher=slurm into a temp MLflow store ----------------
-deadline=$((SECONDS + 570))  # the whole script stays under 10 minutes
+deadline=$((SECONDS + 810))  # the whole script stays under 14 minutes
 left() { echo $((deadline - SECONDS > 10 ? deadline - SECONDS : 10)); }
 store="sqlite:///$tmp/mlflow.db"
 # A tiny job. eval.judge_epochs: the store's first job trains the dataset's judge (5 epochs by
@@ -201,5 +203,37 @@ last=${steps##* }
 [ "$steps" = "$(seq -s ' ' 1 "$last")" ] || die "the run's train/loss steps are '$steps', not every epoch once"
 log "   signalled $signals time(s), $attempts attempts in $launch launch(es) of the sweep: FINISHED in the same run"
 log "   (last resumed from epoch $resumed), epochs 1 to $last logged once each"
+
+log "c. a tuning study drawn by two SLURM jobs at once"
+sweep "$tmp/log/tune.log" experiment=tune_table1 hydra.sweeper.part=null 'hydra.sweeper.params={model:mlp2}' \
+  tune.workers=2 hydra.launcher.cpus_per_task=1 tune.budget=10 tune.min_epochs=1 tune.max_epochs=3 tune.reduction_factor=2 \
+  ++trainer.limit_train_batches=10 ++trainer.limit_val_batches=5 hydra.sweep.dir="$tmp/tune" ||
+  { tail -n 30 "$tmp/log/tune.log" >&2; die "the tuning failed or took too long (above)"; }
+"$PY" - "$store" "$tmp/tuning.journal" <<'PYEOF' || die "the tuning study is not as expected (above)"
+import sys
+import optuna
+from mlflow import MlflowClient
+from optuna.storages.journal import JournalFileBackend
+
+storage = optuna.storages.JournalStorage(JournalFileBackend(sys.argv[2]))
+(summary,) = optuna.study.get_all_study_summaries(storage)
+study = optuna.load_study(study_name=summary.study_name, storage=storage)
+done = study.get_trials()
+spent = sum(int(t.user_attrs["epochs"]) for t in done)
+workers = {t.user_attrs["pid"] for t in done}
+client = MlflowClient(sys.argv[1])
+runs = client.search_runs([client.get_experiment_by_name("slurm-local_tuning").experiment_id])
+numbers = sorted(int(run.data.tags["tuning.trial"]) for run in runs)
+problems = [*(["a trial is not COMPLETE or PRUNED: %s" % [t.state.name for t in done]]
+              if any(t.state.name not in ("COMPLETE", "PRUNED") for t in done) else []),
+            *([f"{spent} epochs spent, not the budget of 10"] if spent != 10 else []),
+            *([f"trials trained by {len(workers)} worker(s), not 2"] if len(workers) != 2 else []),
+            *([f"runs of trials {numbers}, not each of {[t.number for t in done]} once"]
+              if numbers != [t.number for t in done] else []),
+            *([f"a run is not FINISHED"] if any(run.info.status != "FINISHED" for run in runs) else [])]
+print("\n".join(problems) or f"{len(done)} trials by 2 workers, {spent} epochs, best {study.best_value:.2f}")
+sys.exit(1 if problems else 0)
+PYEOF
+log "   one study, two workers, every trial once and the budget spent (${SECONDS} s so far)"
 
 log "OK in ${SECONDS} s"

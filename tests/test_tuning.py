@@ -220,3 +220,38 @@ def test_the_arms_of_tune_table1_are_the_rows_of_table1():
     arms = arm_overrides("table1", {}, [])
     assert [arm[0] for arm in arms] == ["model=mlp2", "model=mlp3", "model=mlp4", "model=cnn"]
     assert all("seed=0" not in arm and "model.latent_dim=2" in arm for arm in arms)
+
+
+# ---------------------------------------------------------------------------- claims that every host sees
+
+
+def test_of_two_runs_of_one_configuration_started_on_two_hosts_the_earlier_trains(make_cfg, tmp_path):
+    """runs.claimed, as launches against a server use it: the other host's run is made here with
+    its host and a fresh heartbeat, as that host's launch would have made it."""
+    from vae_sweeps import identity, runs, store, tracking
+
+    cfg = make_cfg()
+    client, experiment_id = store.open_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "vae_sweeps")
+    key, params = identity.run_key(cfg), identity.params(cfg)
+
+    def started(host: str | None = None) -> str:
+        run_id = tracking.start_run(client, experiment_id, tmp_path, "r", params, "", None)
+        if host:
+            client.set_tag(run_id, "host", host)
+        return run_id
+
+    ours = started()
+    time.sleep(0.01)
+    later = started("elsewhere")
+    assert runs.claimed(client, experiment_id, key, ours, settle_s=0)  # ours started first
+    assert not runs.claimed(client, experiment_id, key, later, settle_s=0)  # not our process's
+    client.delete_run(ours)
+    client.delete_run(later)
+    earlier = started("elsewhere")
+    client.update_run(earlier, "RUNNING")
+    time.sleep(0.01)
+    mine = started()
+    client.set_tag(earlier, "heartbeat", f"{time.time():.0f}")
+    assert not runs.claimed(client, experiment_id, key, mine, settle_s=0)  # another host's started before it
+    client.set_tag(earlier, "heartbeat", "0")  # that host's run is long gone
+    assert runs.claimed(client, experiment_id, key, mine, settle_s=0)

@@ -3,7 +3,8 @@
 The rules, in the order a launch meets them:
 
 1. Under the configuration's lock (``store.lock``), so that of two launches of one configuration
-   at once the second sees the first one's run:
+   at once the second sees the first one's run (on a server or a database store, where that lock
+   is this host's only, the store settles it: ``claimed``):
    - a configuration with a FINISHED run is skipped, and one with a live RUNNING run too
      (``already_taken``; ``force=true`` trains it again);
    - the data is loaded (missing or damaged files raise before a run exists);
@@ -47,6 +48,9 @@ CHECKPOINT_RECORD = "vae_sweeps"
 # A RUNNING run of another host counts as alive while its heartbeat (start, then each epoch's
 # end) is younger than this, or than twice its longest epoch if that is longer (``alive``).
 LIVE_FOR_S = 30 * 60
+# On a server or a database store, how long a launch waits after starting or reopening its run
+# before it looks whether a launch on another host did the same (``claimed``).
+CLAIM_SETTLE_S = 2.0
 # In a job's output folder: why its run ended, written before the run is closed in the store, so
 # that the next launch can close the run with it if the store could not be written (``close_dead_runs``).
 REASON_FILE = "error.txt"
@@ -301,6 +305,23 @@ def resume(client, experiment_id: str, key: str, output_dir: Path) -> tuple[str 
     return run_id, epochs
 
 
+def claimed(client, experiment_id: str, key: str, run_id: str, settle_s: float = CLAIM_SETTLE_S) -> bool:
+    """Whether this process owns the run ``run_id`` it just started or reopened, where launches
+    on other hosts may have done the same at the same moment: on a server or a database store,
+    the configuration's lock (``store.lock``) is a file of this host only, so the claim is settled
+    in the store, which every host sees. After ``settle_s`` (both launches have written by then):
+    a reopened run is ours if its host and pid tags are still ours (the last to reopen it owns it);
+    a new run if no other live RUNNING run of the configuration started before it (the earlier
+    start, then the smaller run id, wins)."""
+    time.sleep(settle_s)
+    tags = client.get_run(run_id).data.tags
+    if (tags.get("host"), tags.get("pid")) != (socket.gethostname(), str(os.getpid())):
+        return False
+    rivals = [run for run in store.runs_of(client, experiment_id, key, "RUNNING") if alive(run)]
+    first = min(rivals, key=lambda run: (run.info.start_time, run.info.run_id), default=None)
+    return first is None or first.info.run_id == run_id
+
+
 # ---------------------------------------------------------------------------- the run, start to end
 
 
@@ -369,9 +390,18 @@ def tracked_run(cfg: DictConfig, datamodule) -> Iterator[Run]:
         datamodule.load()
         close_dead_runs(client, experiment_id, key)
         run_id, done = (None, 0) if cfg.force else resume(client, experiment_id, key, output_dir)
+        reopened = run_id is not None
         if run_id is None:
             run_id = tracking.start_run(client, experiment_id, output_dir, name, params, tracking.config_yaml(cfg),
                                         cfg.get("tags"))
+        if store.sqlite_path(uri) is None and not cfg.force and not claimed(client, experiment_id, key, run_id):
+            if not reopened:
+                client.delete_run(run_id)  # a duplicate of another host's run: nothing of it stays
+            log.info("Skipped %s: a launch on another host took this configuration at the same moment", name)
+            run.result = {"run_id": run_id, "skipped": "a launch on another host took this configuration at the "
+                          "same moment"}
+            yield run
+            return
     record_reason(output_dir, None)  # an earlier attempt's, where a folder is used again
     run.client, run.id, run.caption = client, run_id, identity.caption(cfg, run_id)
     tracking.describe_run(client, run_id, datamodule, run.caption)

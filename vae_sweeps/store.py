@@ -273,8 +273,8 @@ def lock(uri: str, name: str):
     """Hold the lock named ``name`` of the store at ``uri``: a configuration's (its run key) while a
     job looks for its runs and starts or resumes one, so that of two launches of one configuration
     at the same moment the second sees the first one's run; a judge's while it is trained. The
-    lock is a file beside a SQLite store, or in this host's temporary folder for a server
-    (launches on two hosts are not kept apart)."""
+    lock is a file beside a SQLite store, or in this host's temporary folder for a server, where
+    launches on two hosts are kept apart in the store itself (runs.claimed)."""
     db = sqlite_path(uri)
     if db is not None:
         folder = db.parent / "locks"

@@ -37,6 +37,7 @@ import os
 import socket
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -48,8 +49,8 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE = "val/loss"
 POLL_S = 2.0  # how often a worker with no budget left looks whether other workers' trials freed some
-SETTINGS = ("budget", "min_epochs", "max_epochs", "reduction_factor", "sampler_seed", "seed", "seeds", "workers",
-            "storage", "space", "study")
+SETTINGS = ("budget", "trials", "min_epochs", "max_epochs", "reduction_factor", "prune", "sampler_seed", "seed",
+            "seeds", "workers", "storage", "space", "study")
 
 
 # ---------------------------------------------------------------------------- the settings
@@ -136,6 +137,11 @@ def check(cfg: DictConfig) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < (2 if key == "reduction_factor" else 1):
             raise ConfigError(f"tune.{key}={value!r} is not allowed: it must be an integer >= "
                               f"{2 if key == 'reduction_factor' else 1} (conf/tune/asha.yaml).")
+    if tune.trials is not None and (not isinstance(tune.trials, int) or isinstance(tune.trials, bool) or tune.trials < 1):
+        raise ConfigError(f"tune.trials={tune.trials!r} is not allowed: it must be null (as many as the budget "
+                          "allows) or an integer >= 1, e.g. tune.trials=20.")
+    if not isinstance(tune.prune, bool):
+        raise ConfigError(f"tune.prune={tune.prune!r} is not allowed: it must be true or false.")
     for key in ("sampler_seed", "seed"):
         if not isinstance(tune[key], int) or isinstance(tune[key], bool) or tune[key] < 0:
             raise ConfigError(f"tune.{key}={tune[key]!r} is not allowed: it must be an integer >= 0, e.g. tune.{key}=0.")
@@ -216,6 +222,8 @@ def pruner(tune):
         def prune(self, study, trial) -> bool:
             return self.inner.prune(_WithoutFailed(study), trial)
 
+    if not tune.prune:
+        return optuna.pruners.NopPruner()
     if tune.seeds > 1:
         return WithoutFailed(optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2))
     return WithoutFailed(optuna.pruners.SuccessiveHalvingPruner(min_resource=tune.min_epochs,
@@ -283,15 +291,39 @@ def close_stopped(study, trial_id: int, trial, why: str) -> bool:
     return True
 
 
+@contextmanager
+def study_lock(study, cfg: DictConfig):
+    """Hold the lock of ``study``'s budget and queue, where every worker sees it: a file beside
+    the journal (on the filesystem that the workers share: a cluster's), or PostgreSQL's advisory
+    lock in the tuning database, which workers on every host reach."""
+    key = zlib.crc32(study.study_name.encode())
+    storage = getattr(study._storage, "_backend", study._storage)  # Optuna caches an RDBStorage
+    engine = getattr(storage, "engine", None)
+    if engine is not None and engine.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        return
+    url = storage_url(cfg)
+    folder = Path(url[len("journal:"):]).parent if url.startswith("journal:") else None
+    with store.exclusive(folder / f"tuning-{key:08x}.lock") if folder else store.lock(
+            store.resolve_uri(cfg.tracking.uri), f"tune-{key:08x}"):
+        yield
+
+
 def next_trial(study, cfg: DictConfig):
     """The next trial this worker trains (rules 1-3 of the module's docstring), or None when the
     budget is spent. Waits while other workers' trials hold what is left of it."""
     from optuna.trial import TrialState
 
     tune = cfg.tune
-    uri = store.resolve_uri(cfg.tracking.uri)
     while True:
-        with store.lock(uri, f"tune-{zlib.crc32(study.study_name.encode()):08x}"):
+        with study_lock(study, cfg):
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             for t in running:
                 if not worker_alive(t):
@@ -299,9 +331,9 @@ def next_trial(study, cfg: DictConfig):
                                   f"{t.user_attrs.get('host')} is gone")
             queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
             left = tune.budget - committed(study)
-            if queued or left >= smallest_trial(tune):
+            asked = sum("retry_of" not in t.user_attrs for t in study.get_trials(deepcopy=False))
+            if queued or (left >= smallest_trial(tune) and (tune.trials is None or asked < tune.trials)):
                 fresh = not queued
-                asked = sum("retry_of" not in t.user_attrs for t in study.get_trials(deepcopy=False))
                 if fresh:
                     study.sampler = sampler(tune, asked)
                 trial = study.ask(distributions(tune.space))
@@ -313,7 +345,7 @@ def next_trial(study, cfg: DictConfig):
                 beat(trial)
                 return trial
             others = any(worker_alive(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        if not others:
+        if not others or (tune.trials is not None and asked >= tune.trials):
             return None
         log.info("%s: %d epoch(s) of the budget left, held by other workers' trials; waiting", study.study_name, left)
         time.sleep(POLL_S)
@@ -358,8 +390,13 @@ def _pl_callback():
             self.trial, self.spent, self.prune = trial, spent, prune
             self.pruned_at: int | None = None
             self.last: float | None = None
+            self.began, self.in_epochs = 0.0, 0.0  # seconds in training epochs (with their validation)
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.began = time.monotonic()
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.in_epochs += time.monotonic() - self.began
             self.spent += 1
             beat(self.trial, self.spent)
             value = trainer.callback_metrics.get(OBJECTIVE)
@@ -369,7 +406,7 @@ def _pl_callback():
             if self.prune and math.isfinite(self.last):
                 epoch = trainer.current_epoch + 1
                 self.trial.report(self.last, step=epoch)
-                if self.trial.should_prune():
+                if epoch < trainer.max_epochs and self.trial.should_prune():  # a trial at its end is complete
                     self.pruned_at = epoch
                     trainer.should_stop = True
 
@@ -421,7 +458,8 @@ def fit(trial_cfg: DictConfig, trial, spent: int, prune: bool) -> dict:
         if state == trials.COMPLETE:
             run.client.log_artifact(run.id, str(run.epoch_end.path), "checkpoints")
         run.epoch_end.path.unlink(missing_ok=True)  # uploaded, or of a pruned trial: no use here
-        return {"state": state, "value": value, "epochs": pruning.spent - spent, "run_id": run.id}
+        return {"state": state, "value": value, "epochs": pruning.spent - spent, "run_id": run.id,
+                "in_epochs": pruning.in_epochs}
 
 
 def run_trial(cfg: DictConfig, study, trial) -> dict:
@@ -433,11 +471,13 @@ def run_trial(cfg: DictConfig, study, trial) -> dict:
     tune = cfg.tune
     per_seed = int(trial.user_attrs["epochs_per_seed"])
     spent, values, outcome = epochs_spent(study._storage.get_trial(trial._trial_id)), [], {}
+    began, in_epochs = time.monotonic(), 0.0
     try:
         for k in range(tune.seeds):
             trial_cfg = trial_config(cfg, trial.params, tune.seed + k, per_seed)
             outcome = fit(trial_cfg, trial, spent, prune=tune.seeds == 1)
             spent += outcome["epochs"]
+            in_epochs += outcome.get("in_epochs", 0.0)
             values.append(outcome["value"])
             if outcome["state"] == trials.PRUNED:
                 break
@@ -458,6 +498,9 @@ def run_trial(cfg: DictConfig, study, trial) -> dict:
                 f"{type(err).__name__}: {err}")
         raise
     beat(trial, spent)
+    # what the trial cost beyond its epochs: its data, run, trainer and the store (docs/tuning.md)
+    trial.set_user_attr("seconds", round(time.monotonic() - began, 3))
+    trial.set_user_attr("epoch_seconds", round(in_epochs, 3))
     if outcome["state"] == trials.PRUNED:
         study.tell(trial.number, state=TrialState.PRUNED)
         return {**outcome, "value": values[-1]}
