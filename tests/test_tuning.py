@@ -180,6 +180,27 @@ def test_a_killed_tuning_resumes_and_ends_with_the_same_best_trial(tuned, tmp_pa
     assert study.best_value == pytest.approx(uninterrupted.best_value, rel=1e-4)
 
 
+def test_sigterm_closes_the_trial_in_hand_and_queues_it_to_resume(tmp_path, tiny_root):
+    prepared_store(tmp_path)
+    client = tmp_store(tmp_path)
+    job = subprocess.Popen(tune_cli(tmp_path, tiny_root, slowed=1.0), cwd=tmp_path, env=job_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(
+            r.info.status == "RUNNING" and client.get_metric_history(r.info.run_id, "val/loss") for r in trial_runs(tmp_path)):
+        time.sleep(0.3)
+    job.terminate()
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err[-2000:]
+    study = the_study(tmp_path)
+    (stopped,) = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert "Interrupted" in stopped.user_attrs["stopped"]
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    assert queued.system_attrs["fixed_params"] == stopped.params and queued.user_attrs["retry_of"] == stopped.number
+    (run,) = [r for r in trial_runs(tmp_path) if r.info.status != "FINISHED"]  # the trial in hand's
+    assert run.info.status == "KILLED" and int(run.data.tags["resume_from_epoch"]) >= 1
+
+
 def test_two_workers_share_one_study_without_duplicate_trials(tmp_path, tiny_root):
     prepared_store(tmp_path)
     result = run_tuning(tmp_path, tiny_root, "tune.workers=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
