@@ -4,11 +4,13 @@ Every run becomes one flat record of its params and last metrics (``load_runs``)
 FINISHED runs count. Runs whose result settings differ only in seed form a group
 (identity.group_key), and where a seed ran twice the latest run is kept. Each table cell is the
 group that matches the table's fixed settings and the row's value (``pick_group``); when several
-match (a quick and a full budget, say) the one with the most epochs wins, then the most seeds,
-then the newest. A cell reports mean +- std over the group's seeds. A run logged before a
-setting existed counts as having that setting's current default. The tables are defined in
-``experiments/tables.yaml``, which also says which jobs fill them: ``part_jobs`` reads it for
-the study sweeper, so each part's grid and its tables have one source.
+match, one at the defaults in its other settings wins over one with other settings (the runs of a
+tuned table in Table 1's cells, say), then (a quick and a full budget, say) the one with the most
+epochs, then the most seeds, then the newest. A cell reports mean +- std over the group's seeds.
+A run logged before a setting existed counts as having that setting's current default. The
+tables are defined in ``experiments/tables.yaml``, which also says which jobs fill them:
+``part_jobs`` reads it for the study sweeper, so each part's grid and its tables have one source.
+A tuned table (``tuned_from``) completes its cells with its arms' winning trials (trials.py).
 """
 
 from __future__ import annotations
@@ -102,15 +104,19 @@ def finished_groups(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def pick_group(done: pd.DataFrame, settings: dict) -> pd.DataFrame:
-    """The runs of the best group matching ``settings`` (empty if none)."""
+    """The runs of the best group matching ``settings`` (empty if none): a group at the defaults
+    besides ``settings`` (``non_default``) before one with other settings (a tuned table's runs
+    in an untuned table's cell, say), then the most epochs, the most seeds, the newest."""
     mask = [identity.matches(run, settings) for run in done.reindex(columns=list(settings)).to_dict("records")]
     candidates = done[pd.Series(mask, index=done.index, dtype=bool)]
     if candidates.empty:
         return candidates
     epochs = candidates.get("trainer.max_epochs", pd.Series(0, index=candidates.index))
     ranking = (candidates.assign(_epochs=epochs).groupby("group")
-               .agg(epochs=("_epochs", "max"), n=("run_id", "size"), newest=("start_time", "max"))
-               .sort_values(["epochs", "n", "newest"]))
+               .agg(epochs=("_epochs", "max"), n=("run_id", "size"), newest=("start_time", "max")))
+    ranking["plain"] = [non_default(candidates[candidates["group"] == group], settings) == ""
+                        for group in ranking.index]
+    ranking = ranking.sort_values(["plain", "epochs", "n", "newest"])
     return candidates[candidates["group"] == ranking.index[-1]].sort_values("seed")
 
 
