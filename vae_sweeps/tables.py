@@ -264,7 +264,7 @@ def build_table(done: pd.DataFrame, spec: dict, name: str = "", tuned=None) -> t
     """(one row per value of the table's row axis, the commands that would fill its gaps). A
     tuned table's cells are completed by ``tuned`` (``tuned_cell``), and its column ``tuned``
     holds each row's tuned settings ("optim.lr = 0.003, data.batch_size = 64"); an arm that has
-    no winning trial yet is a gap that its tuning study fills."""
+    no winning trial yet is a gap that its tuning study, then the table's part, fill."""
     rows, missing = [], []
     published = spec.get("published") or {}
     label = row_label(spec)
@@ -275,9 +275,9 @@ def build_table(done: pd.DataFrame, spec: dict, name: str = "", tuned=None) -> t
         row = {label: "/".join(str(v) for v in row_settings(spec, value).values() if v is not None)}
         if settings is not None and settings != own:
             row["tuned"] = ", ".join(f"{key} = {v}" for key, v in settings.items() if key not in own)
-        if settings is None:
-            if tuning_command(spec) not in missing:
-                missing.append(tuning_command(spec))
+        if settings is None:  # tune, then fill the table
+            missing += [c for c in (tuning_command(spec), f"python -m vae_sweeps experiment={spec['experiment']}")
+                        if c not in missing]
         elif group.empty:
             missing.append(fill_command(settings, spec["seeds"]))
         else:
@@ -356,8 +356,9 @@ def tuned_markdown(table: pd.DataFrame, spec: dict) -> str:
     label = row_label(spec)
     lines = [f"- {row[label]}: {row['tuned'] if isinstance(row['tuned'], str) else 'no COMPLETE trial yet'}"
              for _, row in table.iterrows()]
-    return (f"Each row at its tuned settings: the searched settings of the winning trial (the COMPLETE one with "
-            f"the lowest validation loss) among its arm's trials of `{tuning_command(spec)}`:\n\n" + "\n".join(lines))
+    return (f"Each row's tuned settings: the searched settings of its arm's winning trial (the COMPLETE one with "
+            f"the lowest validation loss) in the tuning experiment `{spec['tuned_from']}` (\"Tuning studies\" in "
+            "report.md):\n\n" + "\n".join(lines))
 
 
 def studies_markdown(studies: pd.DataFrame) -> str:
