@@ -81,9 +81,11 @@ def tuned_store() -> str:
 @functools.cache
 def planned_experiment(experiment: str):
     """planned(f"experiment={experiment}"), composed once per test session; a tuned part's
-    winners come from ``tuned_store``."""
+    winners come from ``tuned_store`` (which MLFLOW_TRACKING_URI would replace)."""
     tuned = any(table["experiment"] == experiment and "tuned_from" in table for table in SPEC["tables"].values())
-    return planned(f"experiment={experiment}", *([f"tracking.uri={tuned_store()}"] if tuned else []))
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return planned(f"experiment={experiment}", *([f"tracking.uri={tuned_store()}"] if tuned else []))
 
 
 def job_lines(experiment: str) -> list[str]:
