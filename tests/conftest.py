@@ -151,6 +151,42 @@ def all_runs(tmp_path: Path) -> list:
     return client.search_runs(ids) if ids else []
 
 
+def finished_run(client: MlflowClient, experiment: str, settings: dict, *, metrics: dict | None = None,
+             val_losses: tuple[float, ...] = (), tags: dict | None = None, end_time: int | None = None) -> str:
+    """A FINISHED run of the MLflow experiment ``experiment`` (made if new) with a real run's
+    params (``settings``, every other result setting at its default: identity.completed), its
+    ``val/loss`` per epoch (``val_losses``, epochs 1, 2, ...), last ``metrics`` and ``tags``."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from vae_sweeps import identity
+
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, start_time=(end_time or 10 ** 12) - 1000)
+    params = identity.completed({k: str(v) for k, v in settings.items()})
+    last = max(len(val_losses), 1)
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                     metrics=[*(Metric("val/loss", value, 0, epoch) for epoch, value in enumerate(val_losses, start=1)),
+                              *(Metric(k, v, 0, last) for k, v in (metrics or {}).items())],
+                     tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=end_time)
+    return run.info.run_id
+
+
+def fake_trial(client: MlflowClient, study: str, trial: int, state: str, value: float, epochs: int, end_time: int,
+               searched: dict, experiment: str = "vae_sweeps", **settings) -> str:
+    """A tuning trial's run as vae_sweeps/trials.py records it, in ``experiment``'s trials
+    experiment: the study ``tune_table1/model=<model>`` (the part before the "/" is its tuning
+    experiment), a seed of its own (100), its ``searched`` settings and the other ``settings``
+    as params, ``epochs`` val/loss values ending at ``value``, the tuning tags."""
+    from vae_sweeps import trials
+
+    tags = {trials.EXPERIMENT: study.split("/")[0], trials.STUDY: study, trials.TRIAL: trial, trials.STATE: state,
+            trials.EPOCHS: epochs, trials.VALUE: value, trials.KEYS: ",".join(searched)}
+    return finished_run(client, trials.trials_experiment(experiment), {"seed": 100, **settings, **searched},
+                    val_losses=(value + 10.0,) * (epochs - 1) + (value,), tags=tags, end_time=end_time)
+
+
 def png_size(path) -> tuple[int, int]:
     """(width, height) of a PNG file, after checking its signature and header chunk."""
     data = Path(path).read_bytes()[:24]

@@ -213,10 +213,16 @@ def test_a_compound_claims_verdict(parts, whole):
 
 
 def test_a_claim_without_runs_says_which_experiment_fills_it():
-    checked_ = claims.checked_claims(lambda table, value: pd.DataFrame(),
-                                     {"table1": "table1", "priors_z2": "priors", "table3": "table3",
-                                      "table2": "table2", "priors_z10": "priors"})
+    experiments = {"table1": "table1", "priors_z2": "priors", "table3": "table3", "table2": "table2",
+                   "priors_z10": "priors", "table1_tuned": "table1_tuned"}
+    every = claims.checked_claims(lambda table, value: pd.DataFrame(), experiments)
+    assert {v.verdict for _, v in every} == {"inconclusive"}
+    assert {spec["id"]: v for spec, v in every}["1-tuned"].missing == ["table1_tuned"]
+    assert claims.markdown(every).startswith("Adjusted: Holm-Bonferroni over the 24 interval tests")
+    # the report leaves out the claims on a tuned table without runs, of the family too
+    checked_ = claims.checked_claims(lambda table, value: pd.DataFrame(), experiments, left_out={"table1_tuned"})
     by_id = {spec["id"]: verdict for spec, verdict in checked_}
+    assert len(by_id) == len(every) - 3 and not [i for i in by_id if i.endswith("-tuned")]
     assert {v.verdict for v in by_id.values()} == {"inconclusive"}
     assert {v.adjusted for v in by_id.values()} == {"inconclusive"}
     assert by_id["1"].missing == ["table1"] and by_id["8"].missing == ["priors"]
@@ -252,7 +258,17 @@ def test_every_margin_comes_from_its_kind_with_a_reason():
         for part in spec.get("parts", [spec]):
             if part["test"] in claims.INTERVAL_TESTS:
                 assert part["margin"] in rules["margins"], spec["id"]
-    assert claims.family_size(rules["claims"]) == 21
+    assert claims.family_size(rules["claims"]) == 24  # 21, and the tuned claims' 3 once their table has runs
+
+
+def test_the_tuned_claims_are_claims_1_to_3_on_table_1_tuned_each_with_a_reason():
+    specs = {s["id"]: s for s in claims.load()["claims"]}
+    for i in ("1", "2", "3"):
+        tuned = specs[f"{i}-tuned"]
+        assert tuned["reason"] and claims.tables_of(tuned) == ["table1_tuned"]
+        assert {**tuned, "a": specs[i]["a"], "b": specs[i]["b"]} == {
+            **specs[i], "id": f"{i}-tuned", "claim": tuned["claim"], "reason": tuned["reason"]}
+        assert [tuned[side][1] for side in "ab"] == [specs[i][side][1] for side in "ab"]
 
 
 def test_the_studys_idea_and_our_variants():

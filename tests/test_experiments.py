@@ -4,12 +4,14 @@ checks and runs sweeps as documented, a user's own ``params`` and ``grids`` incl
 
 import functools
 import re
+import tempfile
 
 import pytest
 import yaml
-from conftest import CONF_DIR, ROOT, all_runs, run_cli
+from conftest import CONF_DIR, ROOT, all_runs, fake_trial, run_cli
 from hydra import compose, initialize_config_dir
 from hydra_plugins.vae_sweeps_sweeper.study_sweeper import expand_jobs, plan_jobs, study_grids
+from mlflow import MlflowClient
 
 from vae_sweeps import identity, tables
 from vae_sweeps.errors import ConfigError
@@ -53,15 +55,45 @@ def planned(*arguments: str, sweep: dict | None = None):
                 composed[key] = compose(config_name="config", overrides=[*arguments, *overrides])
             return composed[key]
 
-        grids = study_grids(master.hydra.sweeper.part, master.hydra.sweeper.grids or [])
+        grids = study_grids(master.hydra.sweeper.part, master.hydra.sweeper.grids or [], master.tracking)
         jobs = [job for job, _ in plan_jobs(params, grids, arguments, job_config)]
         return jobs, [job_config(job) for job in jobs], master
 
 
+# The winning trials of the tuning store behind table1_tuned's recorded jobs: per arm, the
+# (optim.lr, data.batch_size) of its COMPLETE trial with the lowest validation loss.
+WINNERS = {"mlp2": ("0.003", "64"), "mlp3": ("0.0005", "256"), "mlp4": ("0.0007", "64"), "cnn": ("0.002", "32")}
+
+
+def tuning_store(folder, arms=WINNERS) -> str:
+    """A store (its tracking URI) in ``folder`` whose tune_table1 trials make ``arms`` the winners:
+    per arm, trial 0 at the default settings, trial 1 at the winner's (lower), trial 2 PRUNED at
+    another (lower still: a pruned trial never wins)."""
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    for model, (lr, batch) in arms.items():
+        study = f"tune_table1/model={model}"
+        for trial, state, value, searched in ((0, "COMPLETE", 150.0, ("0.001", "128")),
+                                              (1, "COMPLETE", 140.0, (lr, batch)), (2, "PRUNED", 130.0, ("0.01", "16"))):
+            fake_trial(client, study, trial, state, value, 3 if state == "PRUNED" else 10, 10 ** 12 + trial,
+                       {"optim.lr": searched[0], "data.batch_size": searched[1]}, **{"model.name": model})
+    return uri
+
+
+@functools.cache
+def tuned_store() -> str:
+    """tuning_store, made once per test session (and by `python tests/test_experiments.py`)."""
+    return tuning_store(tempfile.mkdtemp(prefix="tuning-store-"))
+
+
 @functools.cache
 def planned_experiment(experiment: str):
-    """planned(f"experiment={experiment}"), composed once per test session."""
-    return planned(f"experiment={experiment}")
+    """planned(f"experiment={experiment}"), composed once per test session; a tuned part's
+    winners come from ``tuned_store`` (which MLFLOW_TRACKING_URI would replace)."""
+    tuned = any(table["experiment"] == experiment and "tuned_from" in table for table in SPEC["tables"].values())
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return planned(f"experiment={experiment}", *([f"tracking.uri={tuned_store()}"] if tuned else []))
 
 
 def job_lines(experiment: str) -> list[str]:
@@ -117,6 +149,31 @@ def test_a_part_runs_its_tables_in_turn_each_seed_by_seed_then_its_more_seeds():
                     "seed=5 prior=none model=mlp3", "seed=5 model=cnn data=mnist",
                     "seed=6 prior=none model=mlp3", "seed=6 model=cnn data=mnist"]
     assert [job["loss.name"] for job in tables.part_jobs("other", spec)] == ["l1"]
+
+
+def test_a_tuned_part_runs_each_arm_at_its_winning_trials_settings():
+    _, configs, _ = planned_experiment("table1_tuned")
+    assert [(c.model.name, c.seed) for c in configs[:5]] == [
+        ("mlp2", 0), ("mlp3", 0), ("mlp4", 0), ("cnn", 0), ("mlp2", 1)]
+    assert len(configs) == 20
+    for c in configs:  # the retraining seeds are the table's, not the trials' (100)
+        assert (str(c.optim.lr), str(c.data.batch_size)) == WINNERS[c.model.name] and c.seed in range(5)
+
+
+def test_a_tuned_part_names_the_arm_without_a_winner_and_the_tuning_command(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    nowhere = tmp_path / "none" / "mlflow.db"
+    with pytest.raises(ConfigError, match=r"table1_tuned's arm model.name=mlp2 has no COMPLETE trial of the tuning "
+                                          r"experiment tune_table1 in this store yet.*`python -m vae_sweeps "
+                                          r"experiment=tune_table1` first"):
+        study_grids("table1_tuned", [], {"uri": f"sqlite:///{nowhere}", "experiment": "vae_sweeps"})
+    assert not nowhere.parent.exists()  # looking made no store
+    uri = tuning_store(tmp_path / "mlruns", {"mlp2": ("0.003", "64"), "mlp3": ("0.003", "64"), "mlp4": ("0.003", "64")})
+    with pytest.raises(ConfigError, match="table1_tuned's arm model.name=cnn has no COMPLETE trial"):
+        study_grids("table1_tuned", [], {"uri": uri, "experiment": "vae_sweeps"})
+    with pytest.raises(ConfigError, match="table1_tuned's arm model.name=mlp2 has no COMPLETE trial"):
+        study_grids("table1_tuned", [], {"uri": uri, "experiment": "another_study"})  # its trials are elsewhere
+    assert study_grids("table1", [], {"uri": f"sqlite:///{nowhere}", "experiment": "vae_sweeps"})  # no store needed
 
 
 def test_a_part_is_its_tables_not_also_grids_and_must_be_named_by_one():
@@ -196,7 +253,7 @@ def test_a_failing_job_does_not_stop_the_sweep_and_is_reported(tmp_path, tiny_ro
     assert [r.data.params["data.val_size"] for r in all_runs(tmp_path)] == ["16"]
 
 
-if __name__ == "__main__":  # JOBS_FILE anew, from today's experiments
+if __name__ == "__main__":  # JOBS_FILE anew, from today's experiments (tuned parts: from tuned_store)
     listed = [f"\n{experiment}:\n" + "".join(f"  - {line}\n" for line in job_lines(experiment))
               for experiment in EXPERIMENTS]
     JOBS_FILE.write_text(JOBS_HEADER + "".join(listed))

@@ -370,11 +370,15 @@ def adjust(checked: list[tuple[dict, Verdict]], alpha: float = ALPHA) -> int:
     return len(family)
 
 
-def checked_claims(cell, experiments: dict[str, str], settings=None) -> list[tuple[dict, Verdict]]:
+def checked_claims(cell, experiments: dict[str, str], settings=None, left_out=frozenset()
+                   ) -> list[tuple[dict, Verdict]]:
     """Every claim of CLAIMS_FILE with its verdict and its Holm-adjusted one; ``experiments`` maps
     a table to the experiment that fills it (for the missing cells' commands), ``settings(table,
-    value)`` gives a cell's settings (for the commands that add seeds; without it the seeds are named)."""
+    value)`` gives a cell's settings (for the commands that add seeds; without it the seeds are named).
+    The claims on a table in ``left_out`` are left out, of the family too (the report leaves
+    out those on a tuned table without runs: they would change every other verdict's Holm level)."""
     rules = load()
+    rules["claims"] = [spec for spec in rules["claims"] if not set(tables_of(spec)) & set(left_out)]
     result = []
     for spec in rules["claims"]:
         verdict = check(spec, cell, settings, rules)
@@ -422,6 +426,8 @@ def markdown(checked: list[tuple[dict, Verdict]]) -> str:
         if v.missing:
             commands = "; ".join(f"`python -m vae_sweeps experiment={e}`" for e in v.missing)
             lines.append(f"- To fill its runs: {commands}")
+        if spec.get("reason"):
+            lines.append(f"- Why we test it: {spec['reason']}")
         lines.append("")
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ SIZES = {  # name: (width, height) in pixels
     "quantile_grid": (800, 800),
     "latent_scatter": (800, 700),
     "loss_curves": (800, 500),
+    "tuning_curves": (800, 500),
     "samples": (700, 760),
 }
 GRID_LIMIT = 5.0  # Fig. 4: z over [-5, 5]
@@ -218,6 +219,25 @@ def loss_curves(curves: dict[str, dict[str, list[tuple]]], caption: str,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss per image (c * recon + KL)")
     ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    _caption(fig, caption)
+    return fig
+
+
+def tuning_curves(curves: dict[str, list[tuple[int, float]]], caption: str) -> Figure:
+    """The equal-budget curves of tuning studies (Dodge et al. 2019): ``curves[label]`` =
+    [(training epochs spent so far, best validation loss so far)] (trials.equal_budget_curve),
+    one step line per study, the best value holding until a later trial lowers it."""
+    fig = new_figure("tuning_curves")
+    ax = fig.add_axes((0.1, 0.12, 0.62, 0.8))
+    for i, (label, points) in enumerate(curves.items()):
+        epochs, best = zip(*points)
+        ax.step(epochs, best, where="post", color=f"C{i % 10}", label=label)
+        ax.plot(epochs, best, "o", color=f"C{i % 10}", markersize=3)
+    ax.set_xlabel("training epochs spent by the study so far (pruned trials' included)")
+    ax.set_ylabel("best validation loss so far (COMPLETE trials)")
+    ax.set_title("Equal-budget tuning curves (Dodge et al. 2019): best validation loss by epochs spent", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     _caption(fig, caption)

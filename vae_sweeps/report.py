@@ -35,12 +35,14 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from vae_sweeps import claims, figures, identity, store
+from vae_sweeps import claims, figures, identity, store, trials
 from vae_sweeps.errors import UserError, config_folder, redact
 from vae_sweeps.tables import (DASH, FLAG, FLUCTUATION, PROJECT, RECORD, TABLES_FILE, brief_markdown, build_table,
                                cell_key, evaluation_markdown, finished_groups, load_runs, pick_group, row_label,
-                               row_settings, table_markdown)
+                               row_settings, studies_markdown, table_markdown, tuned_cell, tuned_markdown,
+                               tuning_command)
 
+TUNING_CURVES = "tuning_curves"  # the figure of the tuning studies, drawn where there are trials
 # The README's block that --readme rewrites with summary.md (make results)
 README_BEGIN = "<!-- results:begin (written by `make results` from results/summary.md: edit the report, not this) -->"
 README_END = "<!-- results:end -->"
@@ -108,16 +110,20 @@ def refuse_fewer(done: pd.DataFrame, published: Path, drop: set[str]) -> None:
 @dataclass
 class Report:
     """What the writers of a report read: the tables' and figures' spec (tables.yaml), every run
-    and the counted ones, each table and its gaps, each cell's runs, the claims' verdicts, what
-    built the report, and the figures drawn (``made``) or left out (``absent``)."""
+    and the counted ones, the tuning trials (trials.load_trials), each table and its gaps, each
+    cell's settings and runs, the claims' verdicts and those left out, what built the report, and
+    the figures drawn (``made``) or left out (``absent``)."""
     spec: dict
     experiment: str
     source: str
     runs: pd.DataFrame
     done: pd.DataFrame
+    trials: pd.DataFrame
     tables: dict = field(default_factory=dict)
     missing: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
     cells: dict = field(default_factory=dict)
+    unclaimed: list = field(default_factory=list)
     checked: list = field(default_factory=list)
     built: dict = field(default_factory=dict)
     made: dict = field(default_factory=dict)
@@ -131,17 +137,29 @@ class Report:
 def query(client: MlflowClient, experiment: str, source: str = "") -> Report:
     """The report's numbers, from the store: tables, cells and claims (nothing is written)."""
     spec = yaml.safe_load(TABLES_FILE.read_text())
-    runs = load_runs(client, experiment)
-    report = Report(spec, experiment, source, runs, finished_groups(runs), built=builder(client, experiment))
+    runs, found = load_runs(client, experiment), trials.load_trials(client, experiment)
+    tuned_tables = [name for name, table_spec in spec["tables"].items() if "tuned_from" in table_spec]
+    # A tuned table is left out until its tuning study has trials: shown with gaps, it would change
+    # the report (and the published results/) of a study that has not tuned anything.
+    spec["tables"] = {name: table_spec for name, table_spec in spec["tables"].items()
+                      if "tuned_from" not in table_spec or (found["experiment"] == table_spec["tuned_from"]).any()}
+    report = Report(spec, experiment, source, runs, finished_groups(runs), found, built=builder(client, experiment))
+    tuned = trials.tuned_by(found)
     for name, table_spec in spec["tables"].items():
-        report.tables[name], report.missing[name] = build_table(report.done, table_spec)
+        report.tables[name], report.missing[name] = build_table(report.done, table_spec, name, tuned)
         for value in table_spec["values"]:
-            settings = {**table_spec["fixed"], **row_settings(table_spec, value)}
-            report.cells[(name, cell_key(value))] = pick_group(report.done, settings)
+            key, own = (name, cell_key(value)), {**table_spec["fixed"], **row_settings(table_spec, value)}
+            report.settings[key] = tuned_cell(name, table_spec, own, tuned)  # None: a tuned arm without a winner yet
+            report.cells[key] = report.done.iloc[:0] if report.settings[key] is None else pick_group(
+                report.done, report.settings[key])
+    # The claims on a tuned table join the claims, and Holm's family, once the table has a finished
+    # run: until then they would only lower every other claim's Holm level.
+    report.unclaimed = [name for name in tuned_tables if name not in spec["tables"]
+                        or all(report.cells[(name, cell_key(v))].empty for v in spec["tables"][name]["values"])]
     report.checked = claims.checked_claims(
         lambda table, value: report.cells[(table, cell_key(value))],
         {name: table_spec["experiment"] for name, table_spec in spec["tables"].items()},
-        lambda table, value: {**spec["tables"][table]["fixed"], **row_settings(spec["tables"][table], value)})
+        lambda table, value: report.settings[(table, cell_key(value))], left_out=report.unclaimed)
     return report
 
 
@@ -164,6 +182,13 @@ def draw_figures(client: MlflowClient, report: Report, folder: Path) -> None:
             if fig is not None:
                 report.made[name] = folder / f"{name}.png"
                 fig.savefig(report.made[name])
+    curves = {study: trials.equal_budget_curve(group) for study, group in report.trials.groupby("study")}
+    curves = {study: points for study, points in curves.items() if points}
+    if curves:
+        report.made[TUNING_CURVES] = folder / f"{TUNING_CURVES}.png"
+        figures.tuning_curves(curves, f"the MLflow experiment {trials.trials_experiment(report.experiment)}: trials in "
+                              "the order they ended; pruned trials add epochs but no point").savefig(
+            report.made[TUNING_CURVES])
 
 
 def build_report(client: MlflowClient, experiment: str, out: Path, source: str = "", drop: set[str] = frozenset()
@@ -179,7 +204,11 @@ def build_report(client: MlflowClient, experiment: str, out: Path, source: str =
     for name, table_spec in report.spec["tables"].items():
         table, label = report.tables[name], row_label(table_spec)
         table.to_csv(out / f"{name}.csv", index=False)
-        (out / f"{name}.md").write_text(table_markdown(table, label) + "\n\n" + evaluation_markdown(table, label) + "\n")
+        tuned = f"\n\n{tuned_markdown(table, table_spec)}" if "tuned_from" in table_spec else ""
+        (out / f"{name}.md").write_text(table_markdown(table, label) + tuned + "\n\n"
+                                        + evaluation_markdown(table, label) + "\n")
+    if not report.trials.empty:
+        trials.trial_records(report.trials).to_csv(out / "tuning_trials.csv", index=False)
     claims.table(report.checked).to_csv(out / "claims.csv", index=False)
     (out / "claims.md").write_text(claims.markdown(report.checked))
     draw_figures(client, report, out / "figures")
@@ -304,9 +333,11 @@ def report_markdown(report: Report) -> str:
     for name, table_spec in spec["tables"].items():
         table, label = tables[name], row_label(table_spec)
         samples = sorted({int(k) for k in table["iw_samples"].dropna()})
+        tuning = f", after its tuning study `{tuning_command(table_spec)}`" if "tuned_from" in table_spec else ""
         lines += [f"## {table_spec['title']}", "", f"Fixed: {table_spec['setting']}. "
-                  f"Filled by `python -m vae_sweeps experiment={table_spec['experiment']}`.", "",
+                  f"Filled by `python -m vae_sweeps experiment={table_spec['experiment']}`{tuning}.", "",
                   table_markdown(table, label), "",
+                  *([tuned_markdown(table, table_spec), ""] if tuning else []),
                   "The end-of-run evaluation of the same runs (ELBO and log p(x) by Monte Carlo; BCE, L2 and L1 "
                   "of the posterior-mean reconstructions; sharpness relative to the originals; "
                   f"K = {', '.join(map(str, samples)) or DASH} importance samples per image):", "",
@@ -315,8 +346,13 @@ def report_markdown(report: Report) -> str:
         if tested:
             lines += ["The claims tested on this table (their numbers are under \"The study's claims, checked\"):", "",
                       *[f"- {line}" for line in tested], ""]
+        if name in report.unclaimed:
+            lines += ["The claims on this table join the claims checked (and Holm's family) once it has a finished "
+                      "run.", ""]
         if missing[name]:
             lines += ["Missing cells; to fill them:", "", *[f"    {command}" for command in missing[name]], ""]
+    if not report.trials.empty:
+        lines += tuning_markdown(report)
     lines += ["## Figures", ""]
     for name, fig_spec in spec["figures"].items():
         lines += [f"### {fig_spec['title']}", "", fig_spec["text"], ""]
@@ -327,6 +363,25 @@ def report_markdown(report: Report) -> str:
             lines += [f"{what}: no finished run (with this figure) for {', '.join(absent[name])}; "
                       "see the tables' missing cells.", ""]
     return "\n".join(lines)
+
+
+def tuning_markdown(report: Report) -> list[str]:
+    """report.md's section on the tuning studies: a row per study, and their equal-budget curves."""
+    lines = ["## Tuning studies", "",
+             "The trials of the tuning studies (the MLflow experiment "
+             f"`{trials.trials_experiment(report.experiment)}`, vae_sweeps/trials.py), one study per arm of a tuned "
+             "table. Each trial trains at a seed of its own and is judged by its validation loss at its last epoch; "
+             "the winner of a study is its COMPLETE trial with the lowest, the lower trial number on a tie (a PRUNED "
+             "trial, stopped early, never wins). The tuned tables retrain each winner afresh at their own seeds, and "
+             "only they see the test set. *Epochs spent* counts every trial's training epochs, pruned ones included: "
+             "the studies' budget. `tuning_trials.csv` lists every trial.", "",
+             studies_markdown(trials.studies(report.trials)), ""]
+    if TUNING_CURVES in report.made:
+        title = "Equal-budget tuning curves (Dodge et al. 2019)"
+        lines += ["The best validation loss each study had found against the training epochs it had spent, trial by "
+                  "trial in the order the trials ended: a study whose curve is lower at the same budget tuned "
+                  "better.", "", f"![{title}](figures/{report.made[TUNING_CURVES].name})", ""]
+    return lines
 
 
 def summary_markdown(report: Report) -> str:

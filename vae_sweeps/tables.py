@@ -4,11 +4,13 @@ Every run becomes one flat record of its params and last metrics (``load_runs``)
 FINISHED runs count. Runs whose result settings differ only in seed form a group
 (identity.group_key), and where a seed ran twice the latest run is kept. Each table cell is the
 group that matches the table's fixed settings and the row's value (``pick_group``); when several
-match (a quick and a full budget, say) the one with the most epochs wins, then the most seeds,
-then the newest. A cell reports mean +- std over the group's seeds. A run logged before a
-setting existed counts as having that setting's current default. The tables are defined in
-``experiments/tables.yaml``, which also says which jobs fill them: ``part_jobs`` reads it for
-the study sweeper, so each part's grid and its tables have one source.
+match, one at the defaults in its other settings wins over one with other settings (the runs of a
+tuned table in Table 1's cells, say), then (a quick and a full budget, say) the one with the most
+epochs, then the most seeds, then the newest. A cell reports mean +- std over the group's seeds.
+A run logged before a setting existed counts as having that setting's current default. The
+tables are defined in ``experiments/tables.yaml``, which also says which jobs fill them:
+``part_jobs`` reads it for the study sweeper, so each part's grid and its tables have one source.
+A tuned table (``tuned_from``) completes its cells with its arms' winning trials (trials.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import yaml
 from mlflow import MlflowClient
 
 from vae_sweeps import identity, metrics, store
+from vae_sweeps.errors import ConfigError
 from vae_sweeps.identity import PROJECT
 
 TABLES_FILE = PROJECT / "experiments" / "tables.yaml"
@@ -101,15 +104,19 @@ def finished_groups(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def pick_group(done: pd.DataFrame, settings: dict) -> pd.DataFrame:
-    """The runs of the best group matching ``settings`` (empty if none)."""
+    """The runs of the best group matching ``settings`` (empty if none): a group at the defaults
+    besides ``settings`` (``non_default``) before one with other settings (a tuned table's runs
+    in an untuned table's cell, say), then the most epochs, the most seeds, the newest."""
     mask = [identity.matches(run, settings) for run in done.reindex(columns=list(settings)).to_dict("records")]
     candidates = done[pd.Series(mask, index=done.index, dtype=bool)]
     if candidates.empty:
         return candidates
     epochs = candidates.get("trainer.max_epochs", pd.Series(0, index=candidates.index))
     ranking = (candidates.assign(_epochs=epochs).groupby("group")
-               .agg(epochs=("_epochs", "max"), n=("run_id", "size"), newest=("start_time", "max"))
-               .sort_values(["epochs", "n", "newest"]))
+               .agg(epochs=("_epochs", "max"), n=("run_id", "size"), newest=("start_time", "max")))
+    ranking["plain"] = [non_default(candidates[candidates["group"] == group], settings) == ""
+                        for group in ranking.index]
+    ranking = ranking.sort_values(["plain", "epochs", "n", "newest"])
     return candidates[candidates["group"] == ranking.index[-1]].sort_values("seed")
 
 
@@ -195,11 +202,31 @@ def cell_settings(spec: dict, value) -> dict:
     return {**row_settings(spec, value), **spec["fixed"]}
 
 
-def part_jobs(part: str, spec: dict | None = None) -> list[dict]:
+def tuned_cell(name: str, spec: dict, settings: dict, tuned) -> dict | None:
+    """A cell's ``settings``, for a tuned table (one with ``tuned_from``: tables.yaml) completed
+    with its arm's tuned settings: ``tuned(name, spec["tuned_from"], settings)`` (the searched
+    settings of the arm's winning trial, trials.tuned_by), None while the arm has no winner."""
+    if "tuned_from" not in spec:
+        return settings
+    if tuned is None:
+        raise ConfigError(f"table {name} is tuned (tuned_from: {spec['tuned_from']}): its cells need the winners "
+                          "of that tuning study, and no store was given to read them from.")
+    found = tuned(name, spec["tuned_from"], settings)
+    return None if found is None else {**settings, **found}
+
+
+def tuning_command(spec: dict) -> str:
+    """The command that runs a tuned table's tuning study."""
+    return f"python -m vae_sweeps experiment={spec['tuned_from']}"
+
+
+def part_jobs(part: str, spec: dict | None = None, tuned=None) -> list[dict]:
     """The settings of every job of the study part ``part`` (conf/experiment/<part>.yaml), in the
     order its sweep runs them. ``spec`` (by default experiments/tables.yaml) is the one place that
     says which jobs a part has: the cells of every table whose ``experiment`` is ``part``, over the
     table's seeds, and the cells of ``more_seeds`` over its seeds if its ``experiment`` is ``part``.
+    A tuned table's cells are completed by ``tuned`` (``tuned_cell``; trials.tuned_from_store
+    reads the study's store); ConfigError names an arm that has no winning trial yet.
 
     The order: table by table as listed, then ``more_seeds``; each of them seed by seed, all its
     cells (in the order of ``values`` or ``cells``) at one seed before any at the next, so that a
@@ -207,13 +234,25 @@ def part_jobs(part: str, spec: dict | None = None) -> list[dict]:
     tables is listed twice; the sweeper runs the same configuration once (its first place)."""
     spec = spec or yaml.safe_load(TABLES_FILE.read_text())
     tables = spec["tables"]
-    blocks = [(table["seeds"], [(table, value) for value in table["values"]])
-              for table in tables.values() if table["experiment"] == part]
+    blocks = [(table["seeds"], [(name, value) for value in table["values"]])
+              for name, table in tables.items() if table["experiment"] == part]
     more = spec.get("more_seeds")
     if more and more["experiment"] == part:
-        blocks.append((more["seeds"], [(tables[name], value) for name, value in more["cells"]]))
-    return [{"seed": seed, **cell_settings(table, value)} for seeds, cells in blocks for seed in seeds
-            for table, value in cells]
+        blocks.append((more["seeds"], [(name, value) for name, value in more["cells"]]))
+
+    def settings(name: str, value) -> dict:
+        table = tables[name]
+        cell = tuned_cell(name, table, cell_settings(table, value), tuned)
+        if cell is None:
+            arm = " ".join(f"{key}={v}" for key, v in row_settings(table, value).items())
+            raise ConfigError(f"{name}'s arm {arm} has no COMPLETE trial of the tuning experiment "
+                              f"{table['tuned_from']} in this store yet, so its tuned settings are unknown: run "
+                              f"`{tuning_command(table)}` first.")
+        return cell
+
+    cells = {(name, cell_key(value)): settings(name, value) for _, listed in blocks for name, value in listed}
+    return [{"seed": seed, **cells[(name, cell_key(value))]} for seeds, listed in blocks for seed in seeds
+            for name, value in listed]
 
 
 def cell_key(value):
@@ -221,23 +260,32 @@ def cell_key(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def build_table(done: pd.DataFrame, spec: dict) -> tuple[pd.DataFrame, list[str]]:
-    """(one row per value of the table's row axis, the commands that would fill its gaps)."""
+def build_table(done: pd.DataFrame, spec: dict, name: str = "", tuned=None) -> tuple[pd.DataFrame, list[str]]:
+    """(one row per value of the table's row axis, the commands that would fill its gaps). A
+    tuned table's cells are completed by ``tuned`` (``tuned_cell``), and its column ``tuned``
+    holds each row's tuned settings ("optim.lr = 0.003, data.batch_size = 64"); an arm that has
+    no winning trial yet is a gap that its tuning study, then the table's part, fill."""
     rows, missing = [], []
     published = spec.get("published") or {}
     label = row_label(spec)
     for value in spec["values"]:
-        settings = cell_settings(spec, value)
-        group = pick_group(done, settings)
+        own = cell_settings(spec, value)
+        settings = tuned_cell(name, spec, own, tuned)
+        group = pick_group(done, settings) if settings is not None else done.iloc[:0]
         row = {label: "/".join(str(v) for v in row_settings(spec, value).values() if v is not None)}
-        if group.empty:
+        if settings is not None and settings != own:
+            row["tuned"] = ", ".join(f"{key} = {v}" for key, v in settings.items() if key not in own)
+        if settings is None:  # tune, then fill the table
+            missing += [c for c in (tuning_command(spec), f"python -m vae_sweeps experiment={spec['experiment']}")
+                        if c not in missing]
+        elif group.empty:
             missing.append(fill_command(settings, spec["seeds"]))
         else:
             row.update(summarise(group), non_default=non_default(group, settings))
         if cell_key(value) in published:
             row["study_recon"], row["study_kl"], row["study_total"] = published[cell_key(value)]
         rows.append(row)
-    table = pd.DataFrame(rows).reindex(columns=[label, *columns()])
+    table = pd.DataFrame(rows).reindex(columns=[label, *columns(), *(["tuned"] if "tuned_from" in spec else [])])
     for column in ("n", "epochs", "iw_samples", "knn_k"):
         table[column] = table[column].astype("Int64")
     table["total_diff"] = table["test_total_mean"] - table["study_total"]
@@ -301,6 +349,25 @@ def table_markdown(table: pd.DataFrame, axis: str) -> str:
         return _markdown(header, rows)
     return (_markdown(header, rows) + f"\n\n{FLAG} These cells' runs used settings other than the defaults "
             "(besides the table's own), so they are not directly comparable:\n\n" + "\n".join(notes))
+
+
+def tuned_markdown(table: pd.DataFrame, spec: dict) -> str:
+    """A tuned table's tuned settings, a line per row (its column ``tuned``, build_table)."""
+    label = row_label(spec)
+    lines = [f"- {row[label]}: {row['tuned'] if isinstance(row['tuned'], str) else 'no COMPLETE trial yet'}"
+             for _, row in table.iterrows()]
+    return (f"Each row's tuned settings: the searched settings of its arm's winning trial (the COMPLETE one with "
+            f"the lowest validation loss) in the tuning experiment `{spec['tuned_from']}` (\"Tuning studies\" in "
+            "report.md):\n\n" + "\n".join(lines))
+
+
+def studies_markdown(studies: pd.DataFrame) -> str:
+    """The tuning studies (trials.studies), a row each: trials, epochs spent and the winner."""
+    rows = [[row["study"], f"{row['trials']} ({row['complete']} / {row['pruned']})", str(row["epochs"]),
+             _cell(row["best_value"]),
+             DASH if pd.isna(row["best_trial"]) else f"trial {int(row['best_trial'])}: {row['best_settings']}"]
+            for _, row in studies.iterrows()]
+    return _markdown(["study", "trials (complete / pruned)", "epochs spent", "best validation loss", "winner"], rows)
 
 
 def brief_markdown(table: pd.DataFrame, axis: str) -> str:

@@ -20,6 +20,9 @@ validation set decides, the test set is never seen by the search.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pandas as pd
 from mlflow import MlflowClient
 
@@ -28,6 +31,7 @@ from vae_sweeps import identity, store
 PREFIX = "tuning."
 EXPERIMENT, STUDY, TRIAL, STATE, EPOCHS, VALUE, KEYS = (
     f"{PREFIX}{name}" for name in ("experiment", "study", "trial", "state", "epochs", "value", "keys"))
+TAGS = (EXPERIMENT, STUDY, TRIAL, STATE, EPOCHS, VALUE, KEYS)
 COMPLETE, PRUNED = "COMPLETE", "PRUNED"
 
 
@@ -36,23 +40,35 @@ def trials_experiment(experiment: str) -> str:
     return f"{experiment}_tuning"
 
 
-def load_trials(client: MlflowClient, experiment: str) -> pd.DataFrame:
+def load_trials(client: MlflowClient | None, experiment: str) -> pd.DataFrame:
     """One row per FINISHED trial run of the study ``experiment`` (its trials_experiment): the
     tuning tags above without their prefix (trial, epochs and value as numbers), ``run_id``,
-    ``end_time`` and the run's params (identity.completed, numbers as strings)."""
+    ``end_time`` and the run's params (identity.completed, numbers as strings). The columns of
+    the tags, run_id and end_time are there when no trial is (a ``client`` of None: no store)."""
     rows = []
-    for run in store.every_run(client, trials_experiment(experiment), "attributes.status = 'FINISHED'"):
+    runs = store.every_run(client, trials_experiment(experiment), "attributes.status = 'FINISHED'") if client else []
+    for run in runs:
         tags = run.data.tags
         if STUDY not in tags:
             continue
         rows.append({**identity.completed(run.data.params),
-                     **{name[len(PREFIX):]: tags.get(name) for name in (EXPERIMENT, STUDY, TRIAL, STATE, EPOCHS,
-                                                                        VALUE, KEYS)},
+                     **{name[len(PREFIX):]: tags.get(name) for name in TAGS},
                      "run_id": run.info.run_id, "end_time": run.info.end_time})
-    trials = pd.DataFrame.from_records(rows, columns=None if rows else ["study", "trial", "state", "epochs", "value"])
-    for column in ("trial", "epochs", "value"):
+    trials = pd.DataFrame.from_records(rows).reindex(columns=list(dict.fromkeys(
+        [*(name[len(PREFIX):] for name in TAGS), "run_id", "end_time", *(key for row in rows for key in row)])))
+    for column in ("trial", "epochs", "value", "end_time"):
         trials[column] = pd.to_numeric(trials[column])
     return trials
+
+
+def arm(trials: pd.DataFrame, tuning: str, settings: dict) -> pd.DataFrame:
+    """The trials of the tuning experiment ``tuning`` whose params match ``settings`` (a table
+    cell's; its seed, if any, left out: the trials train at seeds of their own), matched as
+    tables.pick_group matches runs (identity.matches)."""
+    wanted = {key: value for key, value in settings.items() if key != "seed"}
+    own = trials[trials["experiment"] == tuning]
+    mask = [identity.matches(row, wanted) for row in own.reindex(columns=list(wanted)).to_dict("records")]
+    return own[pd.Series(mask, index=own.index, dtype=bool)]
 
 
 def winner(trials: pd.DataFrame) -> dict | None:
@@ -66,4 +82,69 @@ def winner(trials: pd.DataFrame) -> dict | None:
 
 def searched(trial: dict) -> dict[str, str]:
     """A trial's searched settings {param key: value}, as its run logged them."""
-    return {key: trial[key] for key in (trial.get("keys") or "").split(",") if key}
+    keys = trial.get("keys")
+    return {key: trial[key] for key in keys.split(",") if key} if isinstance(keys, str) else {}
+
+
+def tuned_by(trials: pd.DataFrame):
+    """The ``tuned`` callable of tables.part_jobs and the report over ``trials`` (load_trials):
+    (table, tuning experiment, cell settings) -> the searched settings of the winner of the
+    cell's arm (``arm``, ``winner``), or None while the arm has no COMPLETE trial."""
+    def tuned(table: str, tuning: str, settings: dict) -> dict[str, str] | None:
+        best = winner(arm(trials, tuning, settings))
+        return None if best is None else searched(best)
+
+    return tuned
+
+
+def tuned_from_store(uri: str, experiment: str):
+    """``tuned_by`` over the trials of the study logged into ``experiment`` at the store ``uri``
+    (store.resolve_uri'd), read at the first call, so that a part without a tuned table opens
+    no store; a SQLite store that does not exist has no trials (and is not created)."""
+    @functools.cache
+    def loaded() -> pd.DataFrame:
+        db = store.sqlite_path(uri)
+        exists = db is None or db.exists()
+        return load_trials(store.RetryingClient(MlflowClient(tracking_uri=uri)) if exists else None, experiment)
+
+    return lambda table, tuning, settings: tuned_by(loaded())(table, tuning, settings)
+
+
+# ---------------------------------------------------------------------------- what the report shows
+
+
+def studies(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per study: its trials (complete, pruned), the training epochs they spent in all,
+    and its winner's value, trial number and searched settings ("key = value, ..."; NaN and ""
+    where no trial is COMPLETE)."""
+    rows = []
+    for study, group in trials.groupby("study", sort=True):
+        best = winner(group) or {}
+        rows.append({"study": study, "trials": len(group), "complete": int((group["state"] == COMPLETE).sum()),
+                     "pruned": int((group["state"] == PRUNED).sum()), "epochs": int(group["epochs"].sum()),
+                     "best_value": best.get("value", math.nan), "best_trial": best.get("trial", math.nan),
+                     "best_settings": ", ".join(f"{key} = {value}" for key, value in searched(best).items())})
+    return pd.DataFrame(rows, columns=["study", "trials", "complete", "pruned", "epochs", "best_value",
+                                       "best_trial", "best_settings"])
+
+
+def equal_budget_curve(trials: pd.DataFrame) -> list[tuple[int, float]]:
+    """One study's curve of the best validation loss so far against the training epochs spent so
+    far (Dodge et al. 2019, "Show your work"): the trials in the order they ended (their runs'
+    end_time, then trial number), each adding its epochs; a COMPLETE trial adds the point
+    (epochs so far, lowest COMPLETE value so far), a PRUNED one adds epochs but no point."""
+    points, spent, best = [], 0, math.inf
+    for trial in trials.sort_values(["end_time", "trial"]).to_dict("records"):
+        spent += int(trial["epochs"])
+        if trial["state"] == COMPLETE:
+            best = min(best, float(trial["value"]))
+            points.append((spent, best))
+    return points
+
+
+def trial_records(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials as the report's tuning_trials.csv lists them: study, trial, state, epochs,
+    value, each searched setting (a column per key that some study searched), run_id."""
+    keys = list(dict.fromkeys(key for listed in trials["keys"].dropna() for key in listed.split(",") if key))
+    return (trials.sort_values(["study", "trial"])
+            .reindex(columns=["study", "trial", "state", "epochs", "value", *keys, "run_id"]))

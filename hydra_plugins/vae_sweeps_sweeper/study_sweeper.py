@@ -84,19 +84,24 @@ def expand_jobs(params: dict, grids: Sequence[dict], arguments: Sequence[str],
     return jobs
 
 
-def study_grids(part: str | None, grids: Sequence[dict]) -> list[dict]:
+def study_grids(part: str | None, grids: Sequence[dict], tracking: Any = None) -> list[dict]:
     """The sweep's grids: ``grids``, or for a ``part`` of the study one grid per job of that part
     (a grid of single values, so a key on the command line still replaces or sweeps it), in the
-    order of vae_sweeps.tables.part_jobs. Raises ConfigError for both, or for a part that no
-    table names."""
+    order of vae_sweeps.tables.part_jobs. A part's tuned tables take their arms' winning trials
+    from the store of ``tracking`` (the config's: uri, experiment), read only for such a part.
+    Raises ConfigError for both, for a part that no table names, or for a tuned arm without a
+    winner."""
     if not part:
         return [dict(grid) for grid in grids]
-    from vae_sweeps import tables
+    from vae_sweeps import store, tables, trials
 
     if grids:
         raise ConfigError(f"hydra.sweeper.part={part} and hydra.sweeper.grids cannot be given together: "
                           "a part's grid is its tables' cells (experiments/tables.yaml).")
-    jobs = tables.part_jobs(part)
+    tuned = None
+    if tracking is not None:  # read at the first tuned cell only
+        tuned = trials.tuned_from_store(store.resolve_uri(tracking["uri"]), tracking["experiment"])
+    jobs = tables.part_jobs(part, tuned=tuned)
     if not jobs:
         raise ConfigError(f"hydra.sweeper.part={part}: no table of {tables.TABLES_FILE} (nor its more_seeds) "
                           f"has experiment: {part}.")
@@ -265,7 +270,7 @@ class StudySweeper(Sweeper):
 
             return TuningSweep(self).sweep(arguments)
         try:
-            grids = study_grids(self.part, self.grids)
+            grids = study_grids(self.part, self.grids, self.config.tracking)
             planned = plan_jobs(self.params, grids, arguments, self.compose, self.hydra_context.config_loader)
         except ConfigError as err:
             raise SweepFailed(str(err), status=2) from err
