@@ -12,6 +12,7 @@
 # cores, and never more than 14.
 #   scripts/slurm-local.sh        (needs `make install` and: apt-get install -y slurmctld slurmd munge)
 #   KEEP=1 scripts/slurm-local.sh  keeps the temp dir (logs, store, the jobs' submitit logs)
+#   CASES=c scripts/slurm-local.sh runs only the checks named (default: a b c)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -164,12 +165,15 @@ sweep() {
   wait "$sweep_pid"
 }
 
+CASES=${CASES:-a b c}
+case " $CASES " in *" a "*)
 log "a. a 2-job sweep through hydra/launcher=slurm"
 sweep "$tmp/log/sweep.log" seed=0,1 trainer.max_epochs=1 ++trainer.limit_train_batches=10 \
   hydra.sweep.dir="$tmp/sweep" || { tail -n 30 "$tmp/log/sweep.log" >&2; die "the sweep failed or took too long (above)"; }
 found=$(runs | awk '$2 == 1 {print $1, $3}' | sort | tr '\n' ' ') || die "could not read the runs from $store"
 [ "$found" = "0 FINISHED 1 FINISHED " ] || die "expected runs of seeds 0 and 1 FINISHED, found: ${found:-none}"
 log "   both runs FINISHED (${SECONDS} s so far)"
+;; esac
 
 # b. SLURM checks time limits every 30 s: a job with a 1-minute limit gets its signal 20 to
 # 50 s after it starts (signal_delay_s=10), and starting Python and the run takes 10 to 25 s
@@ -177,6 +181,7 @@ log "   both runs FINISHED (${SECONDS} s so far)"
 # checkpoint), so it outlasts its first attempt however fast this machine is; each requeued
 # attempt goes on from the last epoch, and the run's end (test, evaluation, figures) must fit
 # in one attempt.
+case " $CASES " in *" b "*)
 log "b. a job with a 1-minute time limit that trains for 40 s: signalled, requeued, resumed"
 timelimit=(seed=0 trainer.max_epochs=1000 ++trainer.max_time=00:00:00:40 ++trainer.limit_train_batches=20
   ++trainer.limit_val_batches=5 hydra.launcher.timeout_min=1)
@@ -203,7 +208,9 @@ last=${steps##* }
 [ "$steps" = "$(seq -s ' ' 1 "$last")" ] || die "the run's train/loss steps are '$steps', not every epoch once"
 log "   signalled $signals time(s), $attempts attempts in $launch launch(es) of the sweep: FINISHED in the same run"
 log "   (last resumed from epoch $resumed), epochs 1 to $last logged once each"
+;; esac
 
+case " $CASES " in *" c "*)
 log "c. a tuning study drawn by two SLURM jobs at once"
 sweep "$tmp/log/tune.log" experiment=tune_table1 hydra.sweeper.part=null 'hydra.sweeper.params={model:mlp2}' \
   tune.workers=2 hydra.launcher.cpus_per_task=1 tune.budget=10 tune.min_epochs=1 tune.max_epochs=3 tune.reduction_factor=2 \
@@ -235,5 +242,6 @@ print("\n".join(problems) or f"{len(done)} trials by 2 workers, {spent} epochs, 
 sys.exit(1 if problems else 0)
 PYEOF
 log "   one study, two workers, every trial once and the budget spent (${SECONDS} s so far)"
+;; esac
 
 log "OK in ${SECONDS} s"
