@@ -95,16 +95,8 @@ def test_a_server_store_needs_a_tuning_storage_of_its_own(make_cfg):
 # ---------------------------------------------------------------------------- a tiny tuning
 
 
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory, tiny_root):
-    """One uninterrupted tiny tuning: (its folder, the CLI's result)."""
-    folder = tmp_path_factory.mktemp("tuned")
-    prepared_store(folder)
-    return folder, run_tuning(folder, tiny_root)
-
-
-def test_a_tuning_spends_its_budget_to_the_epoch_and_prunes(tuned):
-    folder, result = tuned
+def check_spent_and_pruned(folder, result) -> None:
+    """An uninterrupted tiny tuning spent its budget to the epoch, pruned, and recorded each trial."""
     assert result.returncode == 0, result.stderr[-3000:]
     study = the_study(folder)
     done = study.get_trials()
@@ -134,25 +126,24 @@ def test_a_tuning_spends_its_budget_to_the_epoch_and_prunes(tuned):
     assert f"best {study.best_value:.3f} (trial {study.best_trial.number}" in result.stdout
 
 
-def test_a_second_launch_of_a_finished_tuning_trains_nothing(tuned, tiny_root):
-    folder, _ = tuned
-    before = len(trial_runs(folder))
-    again = run_tuning(folder, tiny_root)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert len(trial_runs(folder)) == before and "0 trial(s) trained by this worker, 12 of 12 epochs" in again.stdout
-
-
-def test_a_killed_tuning_resumes_and_ends_with_the_same_best_trial(tuned, tmp_path, tiny_root):
+def test_a_tuning_spends_its_budget_prunes_and_after_a_kill_ends_with_the_same_best_trial(
+        tmp_path_factory, tmp_path, tiny_root):
+    # uninterrupted
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    prepared_store(folder)
+    check_spent_and_pruned(folder, run_tuning(folder, tiny_root))
+    # the same tuning, killed (SIGKILL) in a trial, then launched again
     prepared_store(tmp_path)
     client = tmp_store(tmp_path)
     job = subprocess.Popen(tune_cli(tmp_path, tiny_root, slowed=1.0), cwd=tmp_path, env=job_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    # kill it in the middle of a trial that has trained an epoch, after at least one trial ended
+    # kill it in the last epoch of a trial that has passed the rungs (1 and 2 epochs), after at
+    # least one trial ended: a second of training left, whatever the pruner says
     while time.time() < deadline:
         runs = trial_runs(tmp_path)
         running = [r for r in runs if r.info.status == "RUNNING"
-                   and client.get_metric_history(r.info.run_id, "val/loss")]
+                   and len(client.get_metric_history(r.info.run_id, "val/loss")) >= 3]
         if running and any(r.info.status == "FINISHED" for r in runs):
             break
         time.sleep(0.3)
@@ -175,7 +166,7 @@ def test_a_killed_tuning_resumes_and_ends_with_the_same_best_trial(tuned, tmp_pa
     assert len({r.info.run_id for r in runs}) == len(runs) == len(study.get_trials()) - 1
     assert finished_before <= {r.info.run_id for r in runs}
     assert sum(int(t.user_attrs["epochs"]) for t in study.get_trials()) == 12  # the budget, exactly
-    uninterrupted = the_study(tuned[0])
+    uninterrupted = the_study(folder)
     assert study.best_trial.params == uninterrupted.best_trial.params
     assert study.best_value == pytest.approx(uninterrupted.best_value, rel=1e-4)
 
