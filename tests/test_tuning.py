@@ -192,6 +192,27 @@ def test_sigterm_closes_the_trial_in_hand_and_queues_it_to_resume(tmp_path, tiny
     assert run.info.status == "KILLED" and int(run.data.tags["resume_from_epoch"]) >= 1
 
 
+def test_a_trial_whose_run_finished_before_the_study_heard_of_it_is_told_from_its_record(tmp_path, tiny_root):
+    # the worker dies between its trial's run ending FINISHED and telling the study
+    prepared_store(tmp_path)
+    patch = ("import os, optuna; optuna.study.Study.tell = lambda self, *args, **kwargs: os._exit(9)")
+    died = subprocess.run([*slowed_cli(0.0, patch), *tiny_overrides(tmp_path, tiny_root), *TINY], cwd=tmp_path,
+                          env=job_env(), capture_output=True, text=True, timeout=300)
+    assert died.returncode == 9, died.stderr[-2000:]
+    (run,) = trial_runs(tmp_path)
+    assert run.info.status == "FINISHED" and the_study(tmp_path).get_trials()[0].state == TrialState.RUNNING
+
+    again = run_tuning(tmp_path, tiny_root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = the_study(tmp_path)
+    (retry,) = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == 0]
+    assert retry.state.name == run.data.tags[trials.STATE] and retry.value == pytest.approx(float(run.data.tags[trials.VALUE]))
+    assert retry.user_attrs["epochs"] == 0  # not trained again: the first trial's epochs count once
+    assert [r.info.run_id for r in trial_runs(tmp_path) if r.data.params["optim.lr"] == run.data.params["optim.lr"]
+            ] == [run.info.run_id]
+    assert sum(int(t.user_attrs["epochs"]) for t in study.get_trials()) == 12
+
+
 def test_two_workers_share_one_study_without_duplicate_trials(tmp_path, tiny_root):
     prepared_store(tmp_path)
     result = run_tuning(tmp_path, tiny_root, "tune.workers=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",

@@ -425,14 +425,19 @@ def replay(trial, client, run_id: str) -> None:
 def fit(trial_cfg: DictConfig, trial, spent: int, prune: bool) -> dict:
     """Train and validate one seed of a trial as a tracked run; {state, value, epochs, run_id}."""
     import pytorch_lightning as pl
+    from mlflow import MlflowClient
 
     from vae_sweeps import options, runs
     from vae_sweeps.train import EpochLines, build_module, make_trainer, progress_bar
 
     datamodule = options.build("data", trial_cfg.data, seed=trial_cfg.seed)
     with runs.tracked_run(trial_cfg, datamodule) as run:
-        if run.skipped:  # FINISHED before: told from its record
-            tags = run.client.get_run(run.result["run_id"]).data.tags if run.client else {}
+        if run.skipped:  # FINISHED before (told from its record), or in another worker's hands (NaN: FAIL)
+            client = store.RetryingClient(MlflowClient(tracking_uri=run.uri))
+            tags = client.get_run(run.result["run_id"]).data.tags
+            if prune and trials.STATE in tags:  # its curve to the trial, and its rungs to ASHA
+                replay(trial, client, run.result["run_id"])
+                trial.should_prune()
             return {"state": tags.get(trials.STATE, trials.COMPLETE), "value": float(tags.get(trials.VALUE, "nan")),
                     "epochs": 0, "run_id": run.result["run_id"], "skipped": run.result["skipped"]}
         if prune:
