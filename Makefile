@@ -86,9 +86,9 @@ check-results: ## Rebuild results/'s tables, claims and CSVs from the published 
 	$(PY) -m vae_sweeps.report --tracking-uri sqlite:///$(PUBLISHED) --check results
 
 # The tests spend most of their time starting jobs in subprocesses, one core each: two tests run
-# at once (pytest-xdist), each sent to whichever worker is free, except that the tests that share
-# a module fixture (an xdist_group mark) go to one worker, so that the fixture is built once.
-TEST_ARGS ?= -n 2 --dist loadgroup
+# at once (pytest-xdist), each sent to whichever worker is free. A module fixture may then be built
+# on both workers, which costs less than one worker idling while the other runs a long file.
+TEST_ARGS ?= -n 2 --dist load
 test: ## Run the test suite
 	$(PY) -m pytest $(TEST_ARGS)
 

@@ -11,10 +11,6 @@ from vae_sweeps import backfill, evaluation, identity, judge, metrics
 from vae_sweeps.data import MNIST, to_tensors
 from vae_sweeps.train import train
 
-# Its tests share a module fixture: they run on one pytest-xdist worker (make test: --dist
-# loadgroup), which builds the fixture once.
-pytestmark = pytest.mark.xdist_group("test_judge")
-
 
 @pytest.fixture(scope="module")
 def digits():

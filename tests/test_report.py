@@ -20,10 +20,6 @@ from vae_sweeps.report import main as report_main
 from vae_sweeps.tables import PROJECT, fluctuation
 from vae_sweeps.train import train
 
-# Its tests share a module fixture: they run on one pytest-xdist worker (make test: --dist
-# loadgroup), which builds the fixture once.
-pytestmark = pytest.mark.xdist_group("test_report")
-
 # (overrides, seed) of the real runs; mlp3/bce/z2 runs twice, so its cells have n = 2.
 RUNS = [("model.latent_dim=2", 0), ("model.latent_dim=2", 1), ("loss=l1", 0), ("loss=l2", 0),
         ("model.latent_dim=1", 0), ("model.latent_dim=20", 0), ("prior=gmm", 0), ("prior=none", 0)]

@@ -16,10 +16,6 @@ from vae_sweeps.figures import TITLE_BAND, TITLE_LINE, compose_artifacts
 from vae_sweeps.metrics import PRIOR_OWN, shown
 from vae_sweeps.report import build_report
 
-# Its tests share a module fixture: they run on one pytest-xdist worker (make test: --dist
-# loadgroup), which builds the fixture once.
-pytestmark = pytest.mark.xdist_group("test_report_notes")
-
 METRICS = {"test/recon": 130.0, "test/kl": 7.0, "test/loss": 137.0, "test/elbo": -137.0, "train/loss": 140.0,
            "val/loss": 139.0}
 

@@ -13,10 +13,6 @@ from vae_sweeps.config import validate
 from vae_sweeps.module import VAEModule
 from vae_sweeps.train import train
 
-# Its tests share a module fixture: they run on one pytest-xdist worker (make test: --dist
-# loadgroup), which builds the fixture once.
-pytestmark = pytest.mark.xdist_group("test_train")
-
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_root):

@@ -14,10 +14,6 @@ from mlflow import MlflowClient
 from vae_sweeps import claims, figures, tables, trials
 from vae_sweeps.report import build_report
 
-# Its tests share a module fixture: they run on one pytest-xdist worker (make test: --dist
-# loadgroup), which builds the fixture once.
-pytestmark = pytest.mark.xdist_group("test_tuned_report")
-
 T0 = 10 ** 12  # ms: the trials end at T0 + the numbers below
 # Each arm's trials: (study, trial, state, value, epochs, end, optim.lr, data.batch_size). mlp2: the
 # PRUNED trial 1 has the lowest value but never wins; trial 2 does. mlp3: trials 0 and 1 tie, and

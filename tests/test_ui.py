@@ -22,10 +22,9 @@ from vae_sweeps.train import train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = [pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
-    reason="no Chromium and chromedriver on this machine (Debian: apt-get install chromium chromium-driver)"),
-    pytest.mark.xdist_group("test_ui")]  # one worker builds the module's fixture once (make test: --dist loadgroup)
+    reason="no Chromium and chromedriver on this machine (Debian: apt-get install chromium chromium-driver)")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=1600,1000")
