@@ -74,8 +74,10 @@ def pruning(data_root: str, trials: int, min_epochs: int, max_epochs: int, extra
         complete = [t for t in done if t.state.name == "COMPLETE"]
         results[name] = (sum(t.user_attrs["epochs"] for t in done), min(t.value for t in complete), wall, done)
     (p_epochs, p_best, p_wall, p_done), (u_epochs, u_best, u_wall, u_done) = results["pruned"], results["unpruned"]
-    same = [t.params for t in p_done[:10]] == [t.params for t in u_done[:10]]
-    print(f"2. pruning: the same {trials} trials of mlp2 ({'the first 10 identical' if same else 'NOT the same draws'})")
+    first = min(10, trials)  # TPE's random start-up trials: the same draws with the same seed
+    same = [t.params for t in p_done[:first]] == [t.params for t in u_done[:first]]
+    print(f"2. pruning: the same {trials} trials of mlp2 "
+          f"({f'the first {first} identical' if same else 'NOT the same draws'})")
     print(f"   unpruned: {u_epochs} epochs, best validation loss {u_best:.2f} ({u_wall / 60:.1f} min)")
     print(f"   pruned:   {p_epochs} epochs ({p_epochs / u_epochs:.0%} of them), best {p_best:.2f} "
           f"({p_best - u_best:+.2f} nats; {p_wall / 60:.1f} min)")
