@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> dict:
 
     try:
         validate(cfg)  # before Lightning is imported: a bad value is refused in seconds, not ten
-        if cfg.get("tune") and cfg.tune.get("study"):  # a worker of a tuning study (tune sweeper)
+        if cfg.get("tune") and cfg.tune.get("study"):  # a worker of a tuning study (tuning_sweep.py)
             from vae_sweeps import tuning
 
             tuning.check(cfg)

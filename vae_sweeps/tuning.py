@@ -1,10 +1,10 @@
 """Equal-budget tuning: one Optuna study per arm, each with the same budget of training epochs.
 
-``python -m vae_sweeps experiment=tune_table1`` (conf/experiment/tune_table1.yaml): the tune
-sweeper (hydra_plugins/vae_sweeps_sweeper/tune_sweeper.py) checks the search space and every
-arm's config, then launches ``tune.workers`` jobs per arm; each job is a worker (``work``) that
-draws trials from its arm's study until the budget is spent. The settings are ``tune``'s
-(conf/tune/asha.yaml).
+``python -m vae_sweeps experiment=tune_table1`` (conf/experiment/tune_table1.yaml): the study
+sweeper, seeing ``tune`` settings, tunes (hydra_plugins/vae_sweeps_sweeper/tuning_sweep.py): it
+checks the search space and every arm's config, then launches ``tune.workers`` jobs per arm; each
+job is a worker (``work``) that draws trials from its arm's study until the budget is spent. The
+settings are ``tune``'s (conf/tune/asha.yaml); docs/tuning.md is the user's page.
 
 The rules, in the order a worker meets them (``next_trial``, under the study's lock):
 
@@ -15,7 +15,7 @@ The rules, in the order a worker meets them (``next_trial``, under the study's l
    scheduler is closed and queued the same way by its own worker before it exits.
 2. The budget: the epochs every trial trained (user attr ``epochs``) plus what the RUNNING and
    queued ones may still train (``reserve``). A new trial is asked only while what is left allows
-   a trial of at least ``min_epochs`` (or one seed's ``max_epochs`` with several seeds), and
+   a trial of at least ``min_epochs`` (with several seeds: ``max_epochs`` for each of them), and
    trains at most what is left: the arms spend the same budget, to the epoch.
 3. TPE samples the space with a seed made of ``sampler_seed`` and the number of trials asked so far,
    so the same history gives the same next trial, also after a stop and a resume.
