@@ -214,6 +214,23 @@ def test_a_trial_whose_run_finished_before_the_study_heard_of_it_is_told_from_it
     assert sum(int(t.user_attrs["epochs"]) for t in study.get_trials()) == 4
 
 
+def test_a_study_whose_journal_was_lost_is_rebuilt_from_the_store_without_training(tmp_path, tiny_root):
+    prepared_store(tmp_path)
+    first = run_tuning(tmp_path, tiny_root, "tune.budget=6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = the_study(tmp_path)
+    runs = {r.info.run_id for r in trial_runs(tmp_path)}
+    (tmp_path / "mlruns" / "tuning.journal").unlink()  # the store's records survive, the study does not
+
+    again = run_tuning(tmp_path, tiny_root, "tune.budget=6")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rebuilt = the_study(tmp_path)
+    assert {r.info.run_id for r in trial_runs(tmp_path)} == runs  # nothing trained again
+    assert [(t.params, t.state, t.user_attrs["epochs"]) for t in rebuilt.get_trials()] == [
+        (t.params, t.state, t.user_attrs["epochs"]) for t in before.get_trials()]
+    assert rebuilt.best_trial.number == before.best_trial.number and rebuilt.best_value == before.best_value
+
+
 def test_two_workers_share_one_study_without_duplicate_trials(tmp_path, tiny_root):
     prepared_store(tmp_path)
     result = run_tuning(tmp_path, tiny_root, "tune.workers=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",

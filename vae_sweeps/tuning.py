@@ -20,6 +20,10 @@ The rules, in the order a worker meets them (``next_trial``, under the study's l
 3. TPE samples the space with a seed made of ``sampler_seed`` and the number of trials asked so far,
    so the same history gives the same next trial, also after a stop and a resume.
 
+A study whose storage was lost (a journal left behind on another machine) is rebuilt from the
+store: its trials are drawn again in the same order (rule 3), each finds its FINISHED run and is
+told from its record, with the epochs it spent, so nothing trains twice and the budget holds.
+
 A trial is a run (trials.py says what it records): it trains and validates, never tests; ASHA
 (Optuna's SuccessiveHalvingPruner, rungs at min_epochs x reduction_factor^k) reads the
 validation loss after each epoch and may stop it there: the run ends FINISHED with
@@ -438,8 +442,11 @@ def fit(trial_cfg: DictConfig, trial, spent: int, prune: bool) -> dict:
             if prune and trials.STATE in tags:  # its curve to the trial, and its rungs to ASHA
                 replay(trial, client, run.result["run_id"])
                 trial.should_prune()
+            # its epochs count once: in the stopped trial it is a copy of, else (a study rebuilt from
+            # the store's records, its journal lost) here
+            epochs = 0 if "retry_of" in trial.user_attrs else int(tags.get(trials.EPOCHS, 0))
             return {"state": tags.get(trials.STATE, trials.COMPLETE), "value": float(tags.get(trials.VALUE, "nan")),
-                    "epochs": 0, "run_id": run.result["run_id"], "skipped": run.result["skipped"]}
+                    "epochs": epochs, "run_id": run.result["run_id"], "skipped": run.result["skipped"]}
         if prune:
             replay(trial, run.client, run.id)
         pl.seed_everything(trial_cfg.seed, workers=True, verbose=False)
