@@ -482,7 +482,7 @@ def run_trial(cfg: DictConfig, study, trial) -> dict:
 
     tune = cfg.tune
     per_seed = int(trial.user_attrs["epochs_per_seed"])
-    spent, values, outcome = epochs_spent(study._storage.get_trial(trial._trial_id)), [], {}
+    spent, values, run_ids, outcome = epochs_spent(study._storage.get_trial(trial._trial_id)), [], [], {}
     began, in_epochs = time.monotonic(), 0.0
     try:
         for k in range(tune.seeds):
@@ -491,6 +491,7 @@ def run_trial(cfg: DictConfig, study, trial) -> dict:
             spent += outcome["epochs"]
             in_epochs += outcome.get("in_epochs", 0.0)
             values.append(outcome["value"])
+            run_ids.append(outcome["run_id"])
             if outcome["state"] == trials.PRUNED:
                 break
             if tune.seeds > 1:  # Wilcoxon: the seeds are the steps
@@ -522,13 +523,11 @@ def run_trial(cfg: DictConfig, study, trial) -> dict:
         return {**outcome, "state": "FAIL", "value": value}
     study.tell(trial.number, value)
     if tune.seeds > 1:  # the run of each seed says the trial's objective, the mean
-        from vae_sweeps.store import RetryingClient, resolve_uri
         from mlflow import MlflowClient
 
-        client = RetryingClient(MlflowClient(tracking_uri=resolve_uri(cfg.tracking.uri)))
-        for run in store.every_run(client, trials.trials_experiment(cfg.tracking.experiment),
-                                   f"tags.`{trials.STUDY}` = '{cfg.tune.study}' and tags.`{trials.TRIAL}` = '{trial.number}'"):
-            client.set_tag(run.info.run_id, trials.VALUE, str(value))
+        client = store.RetryingClient(MlflowClient(tracking_uri=store.resolve_uri(cfg.tracking.uri)))
+        for run_id in run_ids:
+            client.set_tag(run_id, trials.VALUE, str(value))
     return {**outcome, "value": value}
 
 
