@@ -16,6 +16,8 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 # What `make bench` runs besides A, B and C (see benchmarks/bench.py --help).
 BENCH_ARGS ?= --cnn-variants --sweep
+# Options of `make bench-tuning` (benchmarks/tuning_bench.py --help), e.g. "--tiny" or "--only fixed".
+TUNING_BENCH_ARGS ?=
 # More `mlflow server` options, e.g. SERVER_ARGS="--workers 2".
 SERVER_ARGS ?=
 # The parts of the study (conf/experiment/) in the order they run: MNIST at 5 seeds, Fashion-MNIST
@@ -96,7 +98,7 @@ bench: ## Training speed against a plain PyTorch loop, memory, CNN variants, swe
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 bench-tuning: ## A tuning trial's fixed cost, and what pruning saves on 12 trials of mlp2 (~40 min; docs/tuning.md)
-	$(PY) benchmarks/tuning_bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/tuning_bench.py $(TUNING_BENCH_ARGS)
 
 server: ## MLflow tracking server with served artifacts, http://127.0.0.1:5000 (HOST, PORT, BACKEND)
 	$(PY) -m mlflow server --backend-store-uri $(BACKEND) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)
