@@ -36,7 +36,8 @@ PUBLISHED ?= results/store/mlflow.db
 # make study continues from it, else from the published records; make results removes it.
 PROGRESS ?= results/in-progress/mlflow.db
 # Every part in turn; a part with failed jobs does not stop the others, but fails the target.
-run_study = status=0; for part in $(STUDY); do $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
+# ($(2): a prefix of each job's command; make study's unsets MLFLOW_TRACKING_URI, which would win over STUDY_URI.)
+run_study = status=0; for part in $(STUDY); do $(2) $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
 
 .DEFAULT_GOAL := help
 .PHONY: help install train sweep study save-study study-quick tune tuned report evaluate results check-results test bench bench-tuning server ui clean
@@ -58,12 +59,12 @@ sweep: ## Sweep the four architectures (Hydra multirun); ARGS adds overrides
 
 study: ## Run (or continue) every part of the study into its store, 30 epochs (many hours on a CPU)
 	$(PY) -m vae_sweeps.study_store restore $(if $(wildcard $(PROGRESS)),$(PROGRESS),$(PUBLISHED)) $(STUDY_STORE)/mlflow.db
-	@$(call run_study,tracking.uri=$(STUDY_URI) $(ARGS))
+	@$(call run_study,tracking.uri=$(STUDY_URI) $(ARGS),env -u MLFLOW_TRACKING_URI)
 
 save-study: ## Copy the running study's records (no artifacts) to results/in-progress/, to commit: make study continues from them
 	$(PY) -m vae_sweeps.study_store publish $(STUDY_STORE)/mlflow.db $(PROGRESS)
 
-study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (<20 min on 2 CPU cores)
+study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (docs/study.md says what it costs)
 	@$(call run_study,$(QUICK) $(ARGS))
 
 tune: ## Equal-budget tuning of Table 1's architectures (Optuna, ASHA; docs/tuning.md), then make tuned

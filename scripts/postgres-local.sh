@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-export VAE_SWEEPS_DATA_DIR="${VAE_SWEEPS_DATA_DIR:-$(cd .. && pwd)/shared/datasets}"
+export VAE_SWEEPS_DATA_DIR="${VAE_SWEEPS_DATA_DIR:-data}"  # MNIST/raw/ and FashionMNIST/raw/ (data/ by default, as a job)
 export MLFLOW_DISABLE_TELEMETRY=true
 
 log() { echo "postgres-local [${SECONDS} s]: $*"; }

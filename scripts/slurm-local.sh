@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-export VAE_SWEEPS_DATA_DIR="${VAE_SWEEPS_DATA_DIR:-$(cd .. && pwd)/shared/datasets}"
+export VAE_SWEEPS_DATA_DIR="${VAE_SWEEPS_DATA_DIR:-data}"  # MNIST/raw/ and FashionMNIST/raw/ (data/ by default, as a job)
 export MLFLOW_DISABLE_TELEMETRY=true
 unset MLFLOW_TRACKING_URI  # it would win over the temp store's tracking.uri
 export PATH="$PATH:/usr/sbin:/sbin"  # munged, slurmctld and slurmd live there on Debian

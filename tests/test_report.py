@@ -259,10 +259,13 @@ def test_provenance_gives_the_compute_time_and_the_wall_time_from_first_start_to
     assert "(each run's `command` tag): not recorded." in provenance(done.drop(columns="command"))
 
 
-def test_a_published_store_rebuilds_the_report_byte_for_byte_and_is_left_as_it_was(report, tmp_path, capsys):
+def test_a_published_store_rebuilds_the_report_byte_for_byte_and_is_left_as_it_was(report, tmp_path, capsys,
+                                                                                    monkeypatch):
     """The study's records alone (results/store/mlflow.db, no artifacts) give the same tables,
-    claims, CSVs and summary as the store they were published from: make check-results."""
+    claims, CSVs and summary as the store they were published from: make check-results (whose
+    --tracking-uri wins over a team's MLFLOW_TRACKING_URI)."""
     _, _, _, out = report
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     published = tmp_path / "store" / "mlflow.db"
     study_store.publish(out.parent / "mlruns" / "mlflow.db", published)
     before = published.read_bytes()

@@ -11,7 +11,7 @@ nothing to do.
 
     python -m vae_sweeps.backfill                            # every FINISHED run that lacks a metric
     python -m vae_sweeps.backfill model.name=mlp3 data.name=mnist --dry-run
-    python -m vae_sweeps.backfill --tracking-uri http://127.0.0.1:5000 --data-root ../shared/datasets
+    python -m vae_sweeps.backfill --tracking-uri http://127.0.0.1:5000 --data-root /path/to/datasets
 
 The parts are evaluation.PARTS: ``evaluation`` (ELBO, IW log p(x), reconstructions, active
 units, k-NN, sharpness, the prior's own) and ``judge`` (judge.py: judged accuracy per class,
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vae_sweeps.backfill", description=__doc__.split("\n\n")[0])
     parser.add_argument("filters", nargs="*", metavar="KEY=VALUE",
                         help="only runs whose params match, e.g. model.name=mlp3 seed=0")
-    parser.add_argument("--tracking-uri", default=defaults.tracking.uri,
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or defaults.tracking.uri,
                         help=f"MLflow store (default: $MLFLOW_TRACKING_URI, else {defaults.tracking.uri})")
     parser.add_argument("--experiment", default=defaults.tracking.experiment, help="MLflow experiment name")
     parser.add_argument("--data-root", default=os.environ.get("VAE_SWEEPS_DATA_DIR", "data"),
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     store.quiet_downloads()
     try:
         with identity.project_config(args.config_dir):
-            backfill(store.resolve_uri(args.tracking_uri), args.experiment, filters, args.data_root, args.dry_run)
+            backfill(store.absolute_uri(args.tracking_uri), args.experiment, filters, args.data_root, args.dry_run)
     except NoRunMatches as err:  # nothing to do, but not what was asked: like grep, 1
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

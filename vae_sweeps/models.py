@@ -6,8 +6,7 @@ with the option's settings (``latent_dim`` among them) and the dataset's ``image
 (B, C, H, W) to (B, 2 * latent_dim), the concatenated mean and log-variance of q(z|x); the
 decoder maps z (B, latent_dim) back to logits (B, C, H, W). A builder checks its own
 settings and raises ``errors.BadValue`` for a bad one. Your own architecture is a function or
-class of this shape in your own package, and a config file that names it (README, "Add your
-own model, dataset or prior").
+class of this shape in your own package, and a config file that names it (docs/extending.md).
 
 - ``mlp``: ``layers`` linear layers in the encoder (so ``layers - 1`` hidden layers, widths
   ``hidden``), ReLU between them, and as many in the decoder (``mlp2``, ``mlp3``, ``mlp4``).

@@ -17,7 +17,7 @@ the points the latent figures mark (``landmarks``); and any test metrics of its 
 (``metrics``). Nothing outside this module asks which prior it has. A prior option
 (``conf/prior/<name>.yaml``) names its class as ``_target_``, which is called with the option's
 settings and the model's ``latent_dim``; your own prior is a ``Prior`` subclass in your own
-package (README, "Add your own model, dataset or prior").
+package (docs/extending.md).
 """
 
 from __future__ import annotations

@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = OmegaConf.load(identity.CONF_DIR / "config.yaml").tracking
     parser = argparse.ArgumentParser(prog="python -m vae_sweeps.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default: reports)")
-    parser.add_argument("--tracking-uri", default=defaults.uri,
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or defaults.uri,
                         help=f"MLflow store (default: $MLFLOW_TRACKING_URI, else {defaults.uri})")
     parser.add_argument("--experiment", default=defaults.experiment, help="MLflow experiment name")
     parser.add_argument("--readme", type=Path, help="also write summary.md into this file's results block")
@@ -464,7 +464,7 @@ def publish(args: argparse.Namespace) -> None:
     if args.readme:
         readme_parts(args.readme)  # no block to write into: say so before the report is built
     store.quiet_downloads()
-    uri = store.resolve_uri(args.tracking_uri)
+    uri = store.absolute_uri(args.tracking_uri)
     store.repair_moved_store(uri)  # a moved SQLite store: find its figures beside it
     client = MlflowClient(tracking_uri=uri)
     if args.check:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # The experiment tag by which MLflow 3 marks a model-training experiment (values: its UI's
 # ExperimentKind). UIs without the sidebar's "GenAI / Model training" switch open such an
-# experiment on its runs; in MLflow 3.17 the switch decides (README, "Tracking and the MLflow UI").
+# experiment on its runs; in MLflow 3.17 the switch decides (docs/tracking-ui.md).
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 # (table, key column, artifact location column) of a SQLite store's absolute artifact locations
@@ -42,9 +42,12 @@ ARTIFACT_COLUMNS = (("experiments", "experiment_id", "artifact_location"), ("run
 
 
 def resolve_uri(configured: str) -> str:
-    """The tracking URI to use: MLFLOW_TRACKING_URI if set, else ``configured``; a relative
-    SQLite path is made absolute so that every job finds the same database."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    """A job's tracking URI: MLFLOW_TRACKING_URI if set, else ``configured`` (``absolute_uri``)."""
+    return absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or configured)
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative SQLite path made absolute, so that every job finds the same database."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix):]).resolve())

@@ -5,7 +5,8 @@ the experiment ``trials_experiment(<tracking.experiment>)`` so that the study's 
 meet them, with its params, its per-epoch ``train/*`` and ``val/*`` curves and these tags:
 
 - ``tuning.experiment``: the tuning experiment config (``tune_table1``);
-- ``tuning.study``: its Optuna study, one per arm (``tune_table1/model=mlp2``);
+- ``tuning.study``: its Optuna study, one per arm (``tune_table1/mlp2-bce-z2-c1-mnist``: the arm's
+  run name without its seed);
 - ``tuning.trial``: the trial's number in that study;
 - ``tuning.state``: COMPLETE (trained its epochs) or PRUNED (stopped early by the pruner; the run
   is FINISHED, not FAILED: a pruned trial is a result of the search);

@@ -56,12 +56,16 @@ class TuningSweep:
         from vae_sweeps.config import validate
         from vae_sweeps.identity import run_name
 
-        arms, bad = [], []
+        arms, bad, names = [], [], set()
         for overrides in arm_overrides(self.part, self.params, arguments, self.sweeper.hydra_context.config_loader):
             cfg = self.compose(overrides)
             if not cfg.get("tune"):
                 raise ConfigError(f"tune is not set for the arm {' '.join(overrides)}: a tuning's arms must all have "
                                   "tune settings.")
+            name = tuning.study_name(str(cfg.tags.get("part") or "tune"), run_name(cfg).replace(f"-s{cfg.seed}", "", 1))
+            if name in names:  # rows made alike by the command line's values (model=mlp2,mlp3 over table1's rows)
+                continue
+            names.add(name)
             tuning.check(cfg)
             try:
                 for ends in tuning.endpoints(cfg.tune.space):
@@ -69,8 +73,7 @@ class TuningSweep:
             except ConfigError as err:
                 bad.append(f"  {' '.join(overrides) or '(no overrides)'}: {err}")
                 continue
-            label = run_name(cfg).replace(f"-s{cfg.seed}", "", 1)
-            arms.append((overrides, tuning.study_name(str(cfg.tags.get("part") or "tune"), label)))
+            arms.append((overrides, name))
         if bad:
             raise ConfigError(f"{len(bad)} arm(s) of this tuning have bad values within tune.space, so none was "
                               "started:\n" + "\n".join(bad))
