@@ -89,9 +89,9 @@ check-results: ## Rebuild results/'s tables, claims and CSVs from the published 
 	$(PY) -m vae_sweeps.report --tracking-uri sqlite:///$(PUBLISHED) --check results
 
 # The tests spend most of their time starting jobs in subprocesses, one core each: two tests run
-# at once (pytest-xdist), each sent to whichever worker is free. A module fixture may then be built
-# on both workers, which costs less than one worker idling while the other runs a long file.
-TEST_ARGS ?= -n 2 --dist load
+# at once (pytest-xdist), each sent to whichever worker is free, but the tests that share a costly
+# fixture to one worker, which builds it once (tests/conftest.py's scheduler for --dist loadscope).
+TEST_ARGS ?= -n 2 --dist loadscope
 test: ## Run the test suite
 	$(PY) -m pytest $(TEST_ARGS)
 

@@ -28,6 +28,44 @@ CONF_DIR = ROOT / "conf"
 N_TRAIN, N_TEST, VAL_SIZE, BATCH = 96, 32, 16, 16
 
 
+# ---------------------------------------------------------------------------- how two workers share the tests
+
+# `make test` runs two tests at once (pytest-xdist, --dist loadscope), each sent to whichever
+# worker is free, but the tests that share a costly fixture to one worker, so that it is built
+# once: a module-scoped fixture (a module named here), or an experiment's composed plan
+# (test_experiments.py's tests parametrized by the experiment). The tests that start the most jobs
+# go first, so that the last ones to run are short and the two workers end together.
+SHARED_FIXTURE_MODULES = ("test_report.py", "test_report_notes.py", "test_tuned_report.py", "test_train.py",
+                          "test_judge.py", "test_ui.py")
+LONGEST_FIRST = ("test_real_mnist.py", "test_tuning.py", "test_resilience.py", "test_faults.py")
+
+
+def scope_of(nodeid: str) -> str:
+    """The unit of tests that one worker runs (see above): a module, an experiment's tests, or a test."""
+    module, _, name = nodeid.partition("::")
+    if Path(module).name in SHARED_FIXTURE_MODULES:
+        return module
+    if Path(module).name == "test_experiments.py" and "[" in name:
+        return f"{module}[{name.split('[', 1)[1]}"
+    return nodeid
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    items.sort(key=lambda item: Path(item.nodeid.partition("::")[0]).name not in LONGEST_FIRST)  # a stable sort
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    return SharedFixtureScheduling(config, log)
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """An uint8 array as IDX bytes: magic 0x0000 08 <ndim>, big-endian dims, data."""
     array = np.ascontiguousarray(array, dtype=np.uint8)

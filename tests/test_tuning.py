@@ -214,6 +214,51 @@ def test_a_trial_whose_run_finished_before_the_study_heard_of_it_is_told_from_it
     assert sum(int(t.user_attrs["epochs"]) for t in study.get_trials()) == 4
 
 
+@pytest.mark.parametrize("checkpoint", ["kept", "lost"])
+def test_a_trial_stopped_after_its_last_epoch_ends_with_that_epoch_and_its_budget(tmp_path, tiny_root, checkpoint):
+    # the worker dies after its trial's last epoch was saved and logged, before the run's tags
+    prepared_store(tmp_path)
+    patch = ("import os, mlflow\n_set_tag = mlflow.MlflowClient.set_tag\n"
+             "mlflow.MlflowClient.set_tag = lambda self, run_id, key, value, *a, **k: os._exit(9) "
+             f"if key == '{trials.STATE}' else _set_tag(self, run_id, key, value, *a, **k)")
+    budget = "tune.budget=4"  # one trial of 4 epochs
+    died = subprocess.run([*slowed_cli(0.0, patch), *tiny_overrides(tmp_path, tiny_root), *TINY, budget],
+                          cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert died.returncode == 9, died.stderr[-2000:]
+    (run,) = trial_runs(tmp_path)
+    client = tmp_store(tmp_path)
+    last = max(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)
+    assert run.info.status == "RUNNING" and last.step == 4
+    if checkpoint == "lost":
+        for saved in (tmp_path / "outputs").rglob("last.ckpt"):
+            saved.unlink()
+
+    again = run_tuning(tmp_path, tiny_root, budget)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = the_study(tmp_path)
+    (retry,) = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == 0]
+    assert retry.user_attrs["epochs"] == 0  # nothing trained again: the budget was spent
+    assert sum(int(t.user_attrs["epochs"]) for t in study.get_trials()) == 4
+    if checkpoint == "kept":  # resumed after its last epoch: complete, with that epoch's loss
+        assert retry.state == TrialState.COMPLETE and retry.value == pytest.approx(last.value)
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    else:  # its weights gone and no budget left to train them anew: stopped, not trained again
+        assert retry.state == TrialState.PRUNED
+        assert client.get_run(run.info.run_id).info.status == "FAILED"
+        assert all(not client.get_metric_history(r.info.run_id, "val/loss")
+                   for r in trial_runs(tmp_path) if r.info.run_id != run.info.run_id)
+
+
+def test_a_trial_whose_loss_diverges_fails_and_spends_its_epochs(tmp_path, tiny_root):
+    prepared_store(tmp_path)
+    result = run_tuning(tmp_path, tiny_root, "tune.budget=3", "loss.c=1e38")  # inf at the first step
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = the_study(tmp_path).get_trials()
+    assert [t.state for t in done] == [TrialState.FAIL] * 3  # the epoch of each, then the budget is spent
+    assert [t.user_attrs["epochs"] for t in done] == [1, 1, 1]
+    assert all(t.user_attrs["error"].startswith("train/loss is inf at epoch 1") for t in done)
+
+
 def test_a_study_whose_journal_was_lost_is_rebuilt_from_the_store_without_training(tmp_path, tiny_root):
     prepared_store(tmp_path)
     first = run_tuning(tmp_path, tiny_root, "tune.budget=6")
@@ -271,6 +316,15 @@ def test_the_arms_of_tune_table1_are_the_rows_of_table1():
     arms = arm_overrides("table1", {}, [])
     assert [arm[0] for arm in arms] == ["model=mlp2", "model=mlp3", "model=mlp4", "model=cnn"]
     assert all("seed=0" not in arm and "model.latent_dim=2" in arm for arm in arms)
+
+
+def test_values_on_the_command_line_pick_the_arms_of_the_part_each_once(tmp_path, tiny_root):
+    result = subprocess.run([sys.executable, "-m", "vae_sweeps", "-m", *tiny_overrides(tmp_path, tiny_root),
+                             "experiment=tune_table1", "model=mlp2,mlp3", "hydra.sweeper.dry_run=true"],
+                            cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Dry run: 2 tuning studies" in result.stdout
+    assert "tune_table1/mlp2-bce-z2-c1-mnist" in result.stdout and "tune_table1/mlp3-bce-z2-c1-mnist" in result.stdout
 
 
 # ---------------------------------------------------------------------------- claims that every host sees

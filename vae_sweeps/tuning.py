@@ -166,7 +166,8 @@ def check(cfg: DictConfig) -> None:
 
 
 def study_name(experiment: str, arm: str) -> str:
-    """The Optuna study of one arm of a tuning experiment: ``tune_table1/model=mlp2``."""
+    """The Optuna study of one arm of a tuning experiment, ``tune_table1/mlp2-bce-z2-c1-mnist``
+    (``arm``: the arm's run name without its seed)."""
     return f"{experiment}/{arm or 'default'}"
 
 
@@ -272,7 +273,8 @@ def worker_alive(trial) -> bool:
 
     attrs = trial.user_attrs
     start = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
-    return process_alive(attrs.get("host"), str(attrs.get("pid", "")), attrs.get("heartbeat") or start)
+    return process_alive(attrs.get("host"), str(attrs.get("pid", "")), attrs.get("heartbeat") or start,
+                         attrs.get("longest_epoch_s", 0.0))
 
 
 def close_stopped(study, trial_id: int, trial, why: str) -> bool:
@@ -288,6 +290,8 @@ def close_stopped(study, trial_id: int, trial, why: str) -> bool:
     except UpdateFinishedTrialError:
         return False
     attrs = trial.user_attrs
+    if "epochs_per_seed" not in attrs:  # stopped between its ask and its budget: it trained nothing
+        return True
     study.enqueue_trial(trial.params, user_attrs={
         "epochs_per_seed": attrs["epochs_per_seed"], "reserve": max(0, int(attrs["reserve"]) - epochs_spent(trial)),
         "asked": attrs["asked"], "retry_of": trial.number})
@@ -355,10 +359,12 @@ def next_trial(study, cfg: DictConfig):
         time.sleep(POLL_S)
 
 
-def beat(trial, epochs: int | None = None) -> None:
-    """This worker's mark on its trial: host, process, heartbeat (and the epochs spent)."""
+def beat(trial, epochs: int | None = None, longest_epoch_s: float | None = None) -> None:
+    """This worker's mark on its trial: host, process, heartbeat (and the epochs spent, and its
+    longest epoch so far, which another host's worker allows twice between heartbeats)."""
     for name, value in {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(),
-                        **({"epochs": epochs} if epochs is not None else {})}.items():
+                        **({"epochs": epochs} if epochs is not None else {}),
+                        **({"longest_epoch_s": longest_epoch_s} if longest_epoch_s else {})}.items():
         trial.set_user_attr(name, value)
 
 
@@ -395,20 +401,23 @@ def _pl_callback():
             self.pruned_at: int | None = None
             self.last: float | None = None
             self.began, self.in_epochs = 0.0, 0.0  # seconds in training epochs (with their validation)
+            self.longest = float(trial.user_attrs.get("longest_epoch_s", 0.0))
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self.began = time.monotonic()
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.in_epochs += time.monotonic() - self.began
+            took = time.monotonic() - self.began
+            self.in_epochs += took
+            self.longest = max(self.longest, took)
             self.spent += 1
-            beat(self.trial, self.spent)
+            beat(self.trial, self.spent, self.longest)
+            epoch = trainer.current_epoch + 1
             value = trainer.callback_metrics.get(OBJECTIVE)
             if value is None:
                 return
             self.last = float(value)
             if self.prune and math.isfinite(self.last):
-                epoch = trainer.current_epoch + 1
                 self.trial.report(self.last, step=epoch)
                 if epoch < trainer.max_epochs and self.trial.should_prune():  # a trial at its end is complete
                     self.pruned_at = epoch
@@ -424,6 +433,16 @@ def replay(trial, client, run_id: str) -> None:
     for m in client.get_metric_history(run_id, OBJECTIVE):
         if m.step not in have and math.isfinite(m.value):
             trial.report(m.value, step=m.step)
+
+
+def inherit_rungs(study, trial) -> None:
+    """Give the copy ``trial`` of a stopped trial the ASHA rungs that one completed, as they were
+    decided then: its replayed curve would be judged again against later trials, and at the step
+    it resumes from instead of each rung's own."""
+    stopped = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.user_attrs["retry_of"])
+    for key, value in stopped.system_attrs.items():
+        if key.startswith("completed_rung_"):  # optuna.pruners.SuccessiveHalvingPruner's record of a rung
+            study._storage.set_trial_system_attr(trial._trial_id, key, value)
 
 
 def fit(trial_cfg: DictConfig, trial, spent: int, prune: bool) -> dict:
@@ -454,12 +473,18 @@ def fit(trial_cfg: DictConfig, trial, spent: int, prune: bool) -> dict:
         pruning = _pl_callback()(trial, spent, prune)
         lines = [] if progress_bar(trial_cfg) else [EpochLines()]
         trainer = make_trainer(trial_cfg, [run.epoch_end, pruning, *lines], Path(trial_cfg.paths.output_dir))
-        if prune and trial.should_prune():  # stopped just after its rung, before the pruner said so
-            pruning.pruned_at = run.epoch_end.saved
+        resumed = run.epoch_end.saved  # the epochs of the checkpoint it resumes (0 for a new run)
+        # what is left of its reserve: all of its epochs, but for the copy of a stopped trial that
+        # could not resume (its checkpoint gone, its run FAILED), which trains anew no more than that
+        until = min(trial_cfg.trainer.max_epochs, resumed + int(trial.user_attrs["reserve"]) - pruning.spent)
+        if resumed < trial_cfg.trainer.max_epochs and (until <= resumed or prune and trial.should_prune()):
+            pruning.pruned_at = resumed  # stopped just after its rung, before the pruner said so; or no reserve left
+        else:
+            trainer.fit_loop.max_epochs = until
+            trainer.fit(module, datamodule=datamodule.lightning(), ckpt_path=run.resume_from, weights_only=True)
+        if pruning.last is None:  # nothing trained here: stopped after its last saved epoch
             history = run.client.get_metric_history(run.id, OBJECTIVE)
             pruning.last = max(history, key=lambda m: m.step).value if history else math.nan
-        else:
-            trainer.fit(module, datamodule=datamodule.lightning(), ckpt_path=run.resume_from, weights_only=True)
         epochs = run.epoch_end.saved
         # a trial that the budget's end cut short of max_epochs is stopped early too: not a winner
         state = trials.PRUNED if pruning.pruned_at or epochs < trial_cfg.tune.max_epochs else trials.COMPLETE
@@ -470,7 +495,10 @@ def fit(trial_cfg: DictConfig, trial, spent: int, prune: bool) -> dict:
         if state == trials.COMPLETE:
             run.client.log_artifact(run.id, str(run.epoch_end.path), "checkpoints")
         run.epoch_end.path.unlink(missing_ok=True)  # uploaded, or of a pruned trial: no use here
-        return {"state": state, "value": value, "epochs": pruning.spent - spent, "run_id": run.id,
+        # the epochs before a resume count in the stopped trial this one is a copy of; else (a study
+        # rebuilt from the store, its journal lost) here
+        before = 0 if "retry_of" in trial.user_attrs else resumed
+        return {"state": state, "value": value, "epochs": pruning.spent - spent + before, "run_id": run.id,
                 "in_epochs": pruning.in_epochs}
 
 
@@ -484,6 +512,8 @@ def run_trial(cfg: DictConfig, study, trial) -> dict:
     per_seed = int(trial.user_attrs["epochs_per_seed"])
     spent, values, run_ids, outcome = epochs_spent(study._storage.get_trial(trial._trial_id)), [], [], {}
     began, in_epochs = time.monotonic(), 0.0
+    if "retry_of" in trial.user_attrs:
+        inherit_rungs(study, trial)
     try:
         for k in range(tune.seeds):
             trial_cfg = trial_config(cfg, trial.params, tune.seed + k, per_seed)
@@ -500,15 +530,20 @@ def run_trial(cfg: DictConfig, study, trial) -> dict:
                     outcome = {**outcome, "state": trials.PRUNED}
                     break
     except NonFiniteLoss as err:  # a learning rate too large: a result of the search, not a fault
-        beat(trial, spent)
+        # it spent the epochs the callback counted and the one that diverged (checked before the count)
+        beat(trial, epochs_spent(study._storage.get_trial(trial._trial_id)) + 1)
         trial.set_user_attr("error", str(err)[:500])
         study.tell(trial.number, state=TrialState.FAIL)
         return {"state": "FAIL", "value": math.nan}
     except BaseException as err:  # a stop or a fault: the next launch resumes this trial
         from vae_sweeps.faults import attempt
 
-        attempt(close_stopped, study, trial._trial_id, study._storage.get_trial(trial._trial_id),
-                f"{type(err).__name__}: {err}")
+        def close() -> None:  # under the budget's lock, as next_trial closes a dead worker's trials
+            with study_lock(study, cfg):
+                close_stopped(study, trial._trial_id, study._storage.get_trial(trial._trial_id),
+                              f"{type(err).__name__}: {err}")
+
+        attempt(close)
         raise
     beat(trial, spent)
     # what the trial cost beyond its epochs: its data, run, trainer and the store (docs/tuning.md)
