@@ -32,11 +32,11 @@ N_TRAIN, N_TEST, VAL_SIZE, BATCH = 96, 32, 16, 16
 
 # `make test` runs two tests at once (pytest-xdist, --dist loadscope), each sent to whichever
 # worker is free, but the tests that share a costly fixture to one worker, so that it is built
-# once: a module-scoped fixture (a module named here), or an experiment's composed plan
+# once: a module-scoped fixture (the modules that have one), or an experiment's composed plan
 # (test_experiments.py's tests parametrized by the experiment). The tests that start the most jobs
 # go first, so that the last ones to run are short and the two workers end together.
-SHARED_FIXTURE_MODULES = ("test_report.py", "test_report_notes.py", "test_tuned_report.py", "test_train.py",
-                          "test_judge.py", "test_ui.py")
+SHARED_FIXTURE_MODULES = tuple(sorted(path.name for path in Path(__file__).parent.glob("test_*.py")
+                                      if 'scope="module"' in path.read_text()))
 LONGEST_FIRST = ("test_real_mnist.py", "test_tuning.py", "test_resilience.py", "test_faults.py")
 
 

@@ -85,3 +85,14 @@ def test_importing_the_package_registers_no_resolver():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_the_tests_that_share_a_costly_fixture_go_to_one_worker():
+    from conftest import SHARED_FIXTURE_MODULES, scope_of
+
+    assert "test_report.py" in SHARED_FIXTURE_MODULES and "test_cli.py" not in SHARED_FIXTURE_MODULES
+    assert scope_of("tests/test_report.py::test_a") == scope_of("tests/test_report.py::test_b") == "tests/test_report.py"
+    plans = "tests/test_experiments.py::test_the_experiment_plans_the_recorded_jobs_in_the_recorded_order"
+    multiruns = "tests/test_experiments.py::test_each_experiment_is_a_multirun_of_its_part_at_the_study_budget"
+    assert scope_of(f"{plans}[seeds10]") == scope_of(f"{multiruns}[seeds10]") != scope_of(f"{plans}[table1]")
+    assert scope_of("tests/test_cli.py::test_a") == "tests/test_cli.py::test_a"  # any other test: on its own
