@@ -92,6 +92,15 @@ def test_a_server_store_needs_a_tuning_storage_of_its_own(make_cfg):
         tuning.storage_url(cfg)
 
 
+def test_a_tuning_storage_that_cannot_be_opened_starts_no_worker(tmp_path, tiny_root):
+    prepared_store(tmp_path)
+    result = run_tuning(tmp_path, tiny_root, "tune.storage=postgresql+psycopg://nobody@127.0.0.1:9/optuna")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert ("The tuning storage postgresql+psycopg://nobody@127.0.0.1:9/optuna (tune.storage) cannot be opened, so no "
+            "worker was started: OperationalError") in result.stderr
+    assert trial_runs(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------- a tiny tuning
 
 

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE = "val/loss"
 POLL_S = 2.0  # how often a worker with no budget left looks whether other workers' trials freed some
+STORAGE_TRIES = 4  # how often a worker opens a new database storage whose tables another worker is making
 SETTINGS = ("budget", "trials", "min_epochs", "max_epochs", "reduction_factor", "prune", "sampler_seed", "seed",
             "seeds", "workers", "storage", "space", "study")
 
@@ -187,7 +188,7 @@ def storage_url(cfg: DictConfig) -> str:
     return f"journal:{db.parent / 'tuning.journal'}"
 
 
-def open_storage(url: str):
+def open_storage(url: str, tries: int = STORAGE_TRIES):
     import optuna
 
     if url.startswith("journal:"):
@@ -196,7 +197,15 @@ def open_storage(url: str):
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
-    return optuna.storages.RDBStorage(url)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except SQLAlchemyError:  # a new database: workers starting at once all create Optuna's tables
+            if attempt + 1 == tries:
+                raise
+            time.sleep(1 + attempt)  # one of them made them; open them again
 
 
 class _WithoutFailed:

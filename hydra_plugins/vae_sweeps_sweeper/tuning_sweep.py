@@ -90,6 +90,17 @@ class TuningSweep:
               f"{tune.budget} training epochs each, {tune.workers} worker(s) each:\n{listing}")
         if self.dry_run:
             return []
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from vae_sweeps import tuning
+        from vae_sweeps.errors import redact
+
+        url = tuning.storage_url(self.config)
+        try:
+            tuning.open_storage(url, tries=1)  # its tables made here, not by workers starting at once
+        except SQLAlchemyError as err:
+            raise SweepFailed(f"The tuning storage {redact(url)} (tune.storage) cannot be opened, so no worker was "
+                              f"started: {type(err).__name__}: {str(err).splitlines()[0]}", status=2) from err
         jobs = [[*overrides, f"tune.study='{name}'"] for overrides, name in arms for _ in range(tune.workers)]
         returns = self.launcher.launch(jobs, initial_job_idx=0)
         failed = [(job, ret) for job, ret in zip(jobs, returns) if ret.status == JobStatus.FAILED]
