@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vae_sweeps.backfill", description=__doc__.split("\n\n")[0])
     parser.add_argument("filters", nargs="*", metavar="KEY=VALUE",
                         help="only runs whose params match, e.g. model.name=mlp3 seed=0")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or defaults.tracking.uri,
+    parser.add_argument("--tracking-uri", default=store.resolve_uri(defaults.tracking.uri),
                         help=f"MLflow store (default: $MLFLOW_TRACKING_URI, else {defaults.tracking.uri})")
     parser.add_argument("--experiment", default=defaults.tracking.experiment, help="MLflow experiment name")
     parser.add_argument("--data-root", default=os.environ.get("VAE_SWEEPS_DATA_DIR", "data"),

@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = OmegaConf.load(identity.CONF_DIR / "config.yaml").tracking
     parser = argparse.ArgumentParser(prog="python -m vae_sweeps.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default: reports)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or defaults.uri,
+    parser.add_argument("--tracking-uri", default=store.resolve_uri(defaults.uri),
                         help=f"MLflow store (default: $MLFLOW_TRACKING_URI, else {defaults.uri})")
     parser.add_argument("--experiment", default=defaults.experiment, help="MLflow experiment name")
     parser.add_argument("--readme", type=Path, help="also write summary.md into this file's results block")
