@@ -25,11 +25,13 @@ RUNS = [("model.latent_dim=2", 0), ("model.latent_dim=2", 1), ("loss=l1", 0), ("
         ("model.latent_dim=1", 0), ("model.latent_dim=20", 0), ("prior=gmm", 0), ("prior=none", 0)]
 
 
-def fake_run(client, experiment_id, params: dict, metrics: dict, status: str, start_time: int) -> str:
+def fake_run(client, experiment_id, params: dict, metrics: dict, status: str | None, start_time: int) -> str:
+    """A run with these params and metrics, ended with ``status`` (None: left RUNNING)."""
     run = client.create_run(experiment_id, start_time=start_time)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
                      metrics=[Metric(k, v, 0, 1) for k, v in metrics.items()])
-    client.set_terminated(run.info.run_id, status)
+    if status:
+        client.set_terminated(run.info.run_id, status)
     return run.info.run_id
 
 
@@ -52,6 +54,8 @@ def report(tmp_path_factory, tiny_root):
         # a 1-epoch run of the same settings: a smaller budget, so not the group shown
         "short": fake_run(client, experiment_id, {**params, "trainer.max_epochs": "1"}, poison, "FINISHED",
                           base.info.start_time + 2),
+        # a run still training (no end time): never counted, and ended (KILLED) in a published copy
+        "live": fake_run(client, experiment_id, {**params, "seed": "3"}, poison, None, base.info.start_time + 3),
     }
     out = tmp_path / "reports"
     return build_report(client, "vae_sweeps", out), results, fakes, out
@@ -120,7 +124,7 @@ def test_failed_older_and_smaller_budget_runs_are_not_counted(report):
     tables = [p for p in out.glob("*.csv") if p.name not in ("claims.csv", "runs.csv")]
     every_id = " ".join(pd.concat([pd.read_csv(p)["run_ids"].dropna() for p in tables]))
     assert not any(fake in every_id for fake in fakes.values())
-    assert "1 run(s) that did not finish" in (out / "report.md").read_text()
+    assert "2 run(s) that did not finish" in (out / "report.md").read_text()  # the FAILED and the live one
 
 
 def test_missing_cells_show_a_dash_and_are_listed(report):

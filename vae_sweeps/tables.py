@@ -88,6 +88,9 @@ def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
                    if run.info.status == "FINISHED" else {})}
                for run in store.every_run(client, experiment)]
     runs = pd.DataFrame.from_records(records, columns=list(RECORD) if not records else None)
+    # milliseconds as integers, also where a live run has no end yet (not NaN's floats: the report of
+    # a working store and of its published copy, whose live runs have ended, write the same CSVs)
+    runs[["start_time", "end_time"]] = runs[["start_time", "end_time"]].astype("Int64")
     for column in runs.columns:
         if column not in RECORD and not column.startswith("metrics."):
             runs[column] = _numbers(runs[column])
