@@ -81,8 +81,7 @@ evaluate: ## Fill in the end-of-run metrics that older runs lack (python -m vae_
 
 results: ## Publish the study: back-fill its store, rebuild results/ and the README's summary, publish its records
 	$(PY) -m vae_sweeps.backfill --tracking-uri $(STUDY_URI)
-	$(PY) -m vae_sweeps.report --tracking-uri $(STUDY_URI) --out results --readme README.md $(if $(DROP),--drop $(DROP))
-	$(PY) -m vae_sweeps.study_store publish $(STUDY_STORE)/mlflow.db $(PUBLISHED)
+	$(PY) -m vae_sweeps.report --tracking-uri $(STUDY_URI) --out results --readme README.md --publish-store $(PUBLISHED) $(if $(DROP),--drop $(DROP))
 	rm -rf $(dir $(PROGRESS))
 
 check-results: ## Rebuild results/'s tables, claims and CSVs from the published store and compare, byte for byte

@@ -10,9 +10,11 @@ import pytest
 import torch
 from conftest import compose_tiny, png_size, tmp_store
 from matplotlib.image import imread
+from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from vae_sweeps import claims, figures, study_store
+from vae_sweeps import claims, figures, store, study_store
+from vae_sweeps import report as reporting
 from vae_sweeps.errors import UserError
 from vae_sweeps.figures import TITLE_BAND
 from vae_sweeps.report import README_BEGIN, README_END, build_report, differences, provenance
@@ -285,6 +287,44 @@ def test_a_published_store_rebuilds_the_report_byte_for_byte_and_is_left_as_it_w
         report_main(["--tracking-uri", f"sqlite:///{published}", "--check", str(changed)])
     assert stop.value.code == 1 and "differs from the report rebuilt from mlflow.db in: table2.csv" in capsys.readouterr().out
     assert differences(out, changed) == ["table2.csv"]
+
+
+def test_results_and_their_published_records_are_one_copy_of_a_store_that_trains_on(report, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """make results while the study trains on (--publish-store): a run that ends while the report
+    is built is in neither results/ nor the records published with it, which rebuild results/
+    byte for byte; a refused report publishes nothing."""
+    _, results, _, out = report
+    working = tmp_path / "study" / "mlflow.db"  # a copy of the fixture's store, its figures where they were
+    study_store.copy_database(out.parent / "mlruns" / "mlflow.db", working)
+    client = MlflowClient(tracking_uri=f"sqlite:///{working}")
+    base = client.get_run(results[0]["run_id"])
+    build = reporting.build_report
+
+    def a_run_ends_meanwhile(*args, **kwargs):
+        fake_run(client, base.info.experiment_id, {**base.data.params, "seed": "5"}, {"test/loss": 1.0}, "FINISHED",
+                 base.info.start_time + 5)
+        return build(*args, **kwargs)
+
+    published, folder = tmp_path / "results" / "store" / "mlflow.db", tmp_path / "results"
+    monkeypatch.setattr(reporting, "build_report", a_run_ends_meanwhile)
+    report_main(["--tracking-uri", f"sqlite:///{working}", "--out", str(folder), "--publish-store", str(published)])
+    monkeypatch.undo()
+    records = study_store.publish(working, tmp_path / "now.db") - 1  # all but the run that ended meanwhile
+    assert f"Published the {records} run record(s) behind {folder / 'report.md'} to {published}." in capsys.readouterr().out
+    seeds = {run.data.params["seed"] for run in MlflowClient(f"sqlite:///{published}").search_runs([base.info.experiment_id])}
+    assert "5" not in seeds and "5" not in pd.read_csv(folder / "runs.csv")["seed"].astype(str).tolist()
+    assert [p.name for p in published.parent.iterdir()] == ["mlflow.db"]  # no snapshot left beside it
+    report_main(["--tracking-uri", f"sqlite:///{published}", "--check", str(folder)])
+    assert "byte for byte" in capsys.readouterr().out
+
+    before = published.read_bytes()
+    empty = tmp_path / "empty" / "mlflow.db"
+    store.open_store(f"sqlite:///{empty}", "vae_sweeps")
+    with pytest.raises(SystemExit) as refused:
+        report_main(["--tracking-uri", f"sqlite:///{empty}", "--out", str(folder), "--publish-store", str(published)])
+    assert refused.value.code == 2 and "rebuilding it here would drop" in capsys.readouterr().err
+    assert published.read_bytes() == before and not list(published.parent.glob(".snapshot-*"))
 
 
 def test_the_real_published_store_rebuilds_results(capsys):

@@ -6,6 +6,7 @@ cells' runs' figures or plot their loss curves; ``report.md`` puts them together
 runs' provenance. The tables and figures are defined in ``experiments/tables.yaml``.
 
     python -m vae_sweeps.report [--out reports] [--tracking-uri URI] [--experiment NAME] [--readme README.md]
+                                [--publish-store results/store/mlflow.db] [--drop IDS] [--check DIR]
 
 ``summary.md`` is the report in brief (provenance, the claims' verdicts, every table's test
 numbers); ``--readme`` writes it into that file between README_BEGIN and README_END, so that
@@ -35,7 +36,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from vae_sweeps import claims, figures, identity, store, trials
+from vae_sweeps import claims, figures, identity, store, study_store, trials
 from vae_sweeps.errors import UserError, config_folder, redact
 from vae_sweeps.tables import (DASH, FLAG, FLUCTUATION, PROJECT, RECORD, TABLES_FILE, brief_markdown, build_table,
                                cell_key, evaluation_markdown, finished_groups, load_runs, pick_group, row_label,
@@ -447,6 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check", type=Path, metavar="DIR",
                         help="build into a temporary folder and compare its tables, claims, CSVs and summary with "
                              "DIR's, byte for byte (exit 1 if any differs); writes nothing")
+    parser.add_argument("--publish-store", type=Path, metavar="DB",
+                        help="build from a copy of the (SQLite) store taken now, and on success publish that copy's "
+                             "run records at DB: the records behind exactly this report, while the study trains on")
     parser.add_argument("--config-dir", type=config_folder, metavar="DIR",
                         help="a folder of your own options (DIR/<axis>/<name>.yaml), as a job's --config-dir: "
                              "needed for runs of your own model, dataset, prior or loss")
@@ -476,13 +480,37 @@ def publish(args: argparse.Namespace) -> None:
             raise SystemExit(1)
         print(f"{args.check}: every table, claim, CSV and the summary rebuilt from {shown_store(uri)}, byte for byte.")
         return
-    result = build_report(client, args.experiment, args.out, shown_store(uri), set(args.drop.split(",")))
+    if args.publish_store:
+        result = build_and_publish(uri, args)
+    else:
+        result = build_report(client, args.experiment, args.out, shown_store(uri), set(args.drop.split(",")))
     gaps = sum(len(m) for m in result["missing"].values())
     print(f"Wrote {args.out / 'report.md'}: {len(result['tables'])} tables ({gaps} missing cells), "
           f"{len(result['figures'])} figures.")
     if args.readme:
         write_into_readme(args.readme, (args.out / "summary.md").read_text())
         print(f"Wrote its summary into {args.readme}.")
+
+
+def build_and_publish(uri: str, args: argparse.Namespace) -> dict:
+    """The report of a copy of the SQLite store at ``uri`` taken now (study_store.copy_database),
+    and that copy published at ``args.publish_store`` once the report is written: a run that ends
+    while the report is built is in neither. A refused report publishes nothing."""
+    working = store.sqlite_path(uri)
+    if working is None:
+        raise UserError(f"--publish-store publishes a SQLite store's records; {redact(uri)} is not one "
+                        "(sqlite:///<path>/mlflow.db).")
+    published = args.publish_store.resolve()
+    published.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=published.parent, prefix=".snapshot-") as tmp:  # the same file system
+        snapshot = Path(tmp) / published.name
+        records = study_store.publish(working, snapshot)  # its artifact locations stay the working store's
+        client = MlflowClient(tracking_uri=f"sqlite:///{snapshot}")
+        result = build_report(client, args.experiment, args.out, shown_store(f"sqlite:///{published}"),
+                              set(args.drop.split(",")))
+        os.replace(snapshot, published)
+    print(f"Published the {records} run record(s) behind {args.out / 'report.md'} to {args.publish_store}.")
+    return result
 
 
 if __name__ == "__main__":
