@@ -1,10 +1,15 @@
 """The published study store: a consistent copy of the study's run records, and a working store
 restored from it that continues the study (FINISHED skipped, a lost checkpoint trained anew)."""
 
+import sqlite3
+from contextlib import closing
+
+import pytest
 from conftest import tmp_store
 from mlflow import MlflowClient
 
 from vae_sweeps import study_store
+from vae_sweeps.identity import PROJECT
 from vae_sweeps.train import train
 
 
@@ -50,3 +55,19 @@ def test_a_restored_store_continues_the_study(tmp_path, make_cfg):
     assert old.info.status == "KILLED" and "resume_from_epoch" not in old.data.tags
     assert "checkpoint was gone" in old.data.tags["error"]
     assert [m.step for m in restored.get_metric_history(again["run_id"], "train/loss")] == [1, 2]
+
+
+def test_the_committed_stores_have_the_installed_mlflows_schema():
+    """The study's committed records open as they are with the MLflow that pyproject.toml pins:
+    a newer MLflow would migrate them to its own schema when it opens them (rewriting a committed
+    file), which the pinned one then refuses."""
+    from mlflow.store.db.utils import _get_latest_schema_revision  # the schema this MLflow writes
+
+    committed = (PROJECT / "results" / "store" / "mlflow.db", PROJECT / "results" / "in-progress" / "mlflow.db")
+    stores = [path for path in committed if path.is_file()]
+    if not stores:
+        pytest.skip("results/ commits no store")
+    for path in stores:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            (revision,) = con.execute("SELECT version_num FROM alembic_version").fetchone()
+        assert revision == _get_latest_schema_revision(), path
