@@ -311,8 +311,10 @@ def test_results_and_their_published_records_are_one_copy_of_a_store_that_trains
     report_main(["--tracking-uri", f"sqlite:///{working}", "--out", str(folder), "--publish-store", str(published)])
     monkeypatch.undo()
     records = study_store.publish(working, tmp_path / "now.db") - 1  # all but the run that ended meanwhile
-    assert f"Published the {records} run record(s) behind {folder / 'report.md'} to {published}." in capsys.readouterr().out
-    seeds = {run.data.params["seed"] for run in MlflowClient(f"sqlite:///{published}").search_runs([base.info.experiment_id])}
+    said = capsys.readouterr().out
+    assert f"Published the {records} run record(s) behind {folder / 'report.md'} to {published}." in said
+    copy = MlflowClient(tracking_uri=f"sqlite:///{published}")
+    seeds = {run.data.params["seed"] for run in copy.search_runs([base.info.experiment_id])}
     assert "5" not in seeds and "5" not in pd.read_csv(folder / "runs.csv")["seed"].astype(str).tolist()
     assert [p.name for p in published.parent.iterdir()] == ["mlflow.db"]  # no snapshot left beside it
     report_main(["--tracking-uri", f"sqlite:///{published}", "--check", str(folder)])

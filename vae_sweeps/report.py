@@ -493,9 +493,10 @@ def publish(args: argparse.Namespace) -> None:
 
 
 def build_and_publish(uri: str, args: argparse.Namespace) -> dict:
-    """The report of a copy of the SQLite store at ``uri`` taken now (study_store.copy_database),
-    and that copy published at ``args.publish_store`` once the report is written: a run that ends
-    while the report is built is in neither. A refused report publishes nothing."""
+    """The report of a copy of the SQLite store at ``uri`` taken now (study_store.publish: its
+    live runs KILLED), and that copy published at ``args.publish_store`` once the report is
+    written: a run that ends while the report is built is in neither. A refused report publishes
+    nothing."""
     working = store.sqlite_path(uri)
     if working is None:
         raise UserError(f"--publish-store publishes a SQLite store's records; {redact(uri)} is not one "
