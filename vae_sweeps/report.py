@@ -470,20 +470,20 @@ def publish(args: argparse.Namespace) -> None:
     store.quiet_downloads()
     uri = store.absolute_uri(args.tracking_uri)
     store.repair_moved_store(uri)  # a moved SQLite store: find its figures beside it
-    client = MlflowClient(tracking_uri=uri)
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            build_report(client, args.experiment, Path(tmp), shown_store(uri))
+            build_report(MlflowClient(tracking_uri=uri), args.experiment, Path(tmp), shown_store(uri))
             differ = differences(Path(tmp), args.check)
         if differ:
             print(f"{args.check} differs from the report rebuilt from {shown_store(uri)} in: {', '.join(differ)}")
             raise SystemExit(1)
         print(f"{args.check}: every table, claim, CSV and the summary rebuilt from {shown_store(uri)}, byte for byte.")
         return
-    if args.publish_store:
+    if args.publish_store:  # the report of a copy of the store, which it publishes: the working store is not opened
         result = build_and_publish(uri, args)
     else:
-        result = build_report(client, args.experiment, args.out, shown_store(uri), set(args.drop.split(",")))
+        result = build_report(MlflowClient(tracking_uri=uri), args.experiment, args.out, shown_store(uri),
+                              set(args.drop.split(",")))
     gaps = sum(len(m) for m in result["missing"].values())
     print(f"Wrote {args.out / 'report.md'}: {len(result['tables'])} tables ({gaps} missing cells), "
           f"{len(result['figures'])} figures.")
