@@ -47,13 +47,27 @@ def test_lower_verdict_follows_the_interval(a, b, verdict):
 
 
 def test_beyond_zero_is_shown_beside_the_verdict_at_the_margin():
-    # 0.5 nat lower, tight: beyond 0, but not beyond the 1-nat margin
+    # 0.5 nat lower, tight: se = sqrt(2 * 0.01 / 3), df = 4, interval -0.5 +- 2.776445 se =
+    # [-0.727, -0.273]: beyond 0, and wholly short of the 1-nat margin
+    spec = {"test": "lower", "metric": "loss", "a": ["x", 1], "b": ["y", 1], "margin": "nats"}
     cells = {"x": runs("loss", [140.4, 140.5, 140.6]), "y": runs("loss", [140.9, 141.0, 141.1])}
-    result = checked({"test": "lower", "metric": "loss", "a": ["x", 1], "b": ["y", 1], "margin": "nats"}, cells)
-    assert result.verdict == "inconclusive" and result.beyond_zero == "yes" and "beyond 0: yes" in result.evidence
-    assert "margin 1 (nats)" in result.evidence
-    assert result.power == ("No number of seeds would decide it: the observed difference -0.5 lies between 0 and "
-                            "the margin -1: more seeds would neither support nor contradict it.")
+    result = checked(spec, cells)
+    assert result.verdict == "contradicted" and result.beyond_zero == "yes" and "beyond 0: yes" in result.evidence
+    assert result.why == "test/loss of x 1 is lower than that of y 1, but by less than 1 (the nats margin)"
+    assert "margin 1 (nats)" in result.evidence and result.power == ""
+    # its p-value: the one-sided test of "not below -1", t = (-0.5 + 1) / se
+    assert result.p_value == pytest.approx(stats.t.sf(0.5 / math.sqrt(2 * 0.01 / 3), 4))
+    # no difference at all, tight: contradicted at the margin, not beyond 0
+    cells["x"] = runs("loss", [140.9, 141.0, 141.1])
+    none = checked(spec, cells)
+    assert none.verdict == "contradicted" and none.beyond_zero == "no"
+    assert none.why == "test/loss of x 1 is not lower than that of y 1 by more than 1 (the nats margin)"
+    # 0.5 nat lower with sd 0.5 a side: interval [-1.63, +0.63] straddles -1; to contradict it,
+    # effect 1 - 0.5 = 0.5: n = Z^2 (0.25 + 0.25) / 0.25 = 15.7 -> 16 per arm
+    cells = {"x": runs("loss", [140.0, 140.5, 141.0]), "y": runs("loss", [140.5, 141.0, 141.5])}
+    straddling = checked(spec, cells)
+    assert straddling.verdict == "inconclusive" and "the interval straddles -1" in straddling.why
+    assert straddling.power.startswith("To contradict it: about 16 seeds per arm")
 
 
 def test_not_lower_is_supported_by_an_interval_above_minus_the_margin():
@@ -128,9 +142,10 @@ def test_an_undecided_claim_names_the_seeds_and_the_commands_that_would_decide_i
     assert result.power.startswith("To support it: about 7 seeds per arm give 80% power")
     assert "`python -m vae_sweeps -m model=mlp3 model.latent_dim=2 seed=3,4,5,6`" in result.power
     assert "`python -m vae_sweeps -m model=mlp2 model.latent_dim=2 seed=3,4,5,6`" in result.power
-    # the other way: beyond 0 the wrong side is a contradiction to seek
-    cells["x"] = runs("loss", [133.5, 134.5, 135.5], seed=[0, 1, 2])
-    assert checked(spec, cells).power.startswith("To contradict it:")
+    # the other way: difference -0.5, interval [-2.77, +1.77], short of the margin: to contradict
+    # it, effect 1 - 0.5 = 0.5: n = Z^2 * 2 / 0.25 = 62.8 -> 63 per arm
+    cells["x"] = runs("loss", [131.5, 132.5, 133.5], seed=[0, 1, 2])
+    assert checked(spec, cells).power.startswith("To contradict it: about 63 seeds per arm")
 
 
 def test_a_zero_variance_baseline_in_the_same_cell():

@@ -204,18 +204,22 @@ def _lower_or_higher(sign: int):
     word, other = ("higher", "lower") if sign > 0 else ("lower", "higher")
 
     def test(d: Difference, m: float, margin: str, x: str, y: str):
-        p_support, p_contradict = d.p_beyond(sign * m, sign), d.p_beyond(0.0, -sign)
+        """Decided at the margin, both ways: supported beyond it on the claimed side, contradicted
+        wholly short of it (a real difference smaller than the margin, none, or the opposite)."""
+        p_support, p_contradict = d.p_beyond(sign * m, sign), d.p_beyond(sign * m, -sign)
         beyond_zero = "yes" if d.beyond(0.0, sign) else "no"
         effect = sign * d.diff
-        need = (("support it", effect - m) if effect > m else ("contradict it", -effect) if effect < 0 else
-                f"the observed difference {d.diff:+.3g} lies between 0 and the margin {sign * m:+g}: more seeds "
-                "would neither support nor contradict it")
+        need = (("support it", effect - m) if effect > m else ("contradict it", m - effect) if effect < m else
+                f"the observed difference {d.diff:+.3g} lies on the margin: more seeds would not decide it")
         if d.beyond(sign * m, sign):
             return SUPPORTED, f"{x} is {word} than {y} by more than {margin}", p_support, beyond_zero, need
-        if d.beyond(0.0, -sign):
-            return CONTRADICTED, f"{x} is {other} than {y}", p_contradict, beyond_zero, need
+        if d.beyond(sign * m, -sign):
+            why = (f"{x} is {word} than {y}, but by less than {margin}" if beyond_zero == "yes" else
+                   f"{x} is {other} than {y}" if d.beyond(0.0, -sign) else
+                   f"{x} is not {word} than {y} by more than {margin}")
+            return CONTRADICTED, why, p_contradict, beyond_zero, need
         return (INCONCLUSIVE, f"undecided whether {x} is {word} than {y} by more than {margin}: the interval "
-                f"reaches {sign * m:+g}", min(p_support, p_contradict), beyond_zero, need)
+                f"straddles {sign * m:+g}", min(p_support, p_contradict), beyond_zero, need)
 
     return test
 
