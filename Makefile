@@ -21,8 +21,8 @@ TUNING_BENCH_ARGS ?=
 # More `mlflow server` options, e.g. SERVER_ARGS="--workers 2".
 SERVER_ARGS ?=
 # The parts of the study (conf/experiment/) in the order they run: MNIST at 5 seeds, Fashion-MNIST
-# at 3, then seeds 5-9 of the arms that 10 seeds decide; and what study-quick changes: 1 seed,
-# 4 epochs, 10 importance samples for log p(x) instead of 50.
+# at 3, then seeds 5-9 of the arms that 10 seeds were expected to decide; and what study-quick
+# changes: 1 seed, 4 epochs, 10 importance samples for log p(x) instead of 50.
 STUDY ?= table1 table2 table3 c_sweep priors fashion seeds10
 QUICK ?= seed=0 trainer.max_epochs=4 eval.iw_samples=10
 # The study's own store (checkpoints and figures beside it, not committed), and its published
