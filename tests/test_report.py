@@ -378,3 +378,26 @@ def test_the_report_reads_as_a_reviewer_needs(report):
     evaluation = (out / "table2.md").read_text()
     assert "log p(x), IW (Bernoulli, c = 1)" in evaluation and "IW bound of the training objective" in evaluation
     assert "| bce |" in evaluation
+
+
+def test_the_builder_counts_changes_to_the_code_not_the_reports_own_files(tmp_path, monkeypatch):
+    # a publication builds from a snapshot of the store in results/store/.snapshot-*: untracked
+    # while the report is built, it made every published report say "with uncommitted changes"
+    project = tmp_path / "project"
+    (project / "results").mkdir(parents=True)
+    (project / "code.py").write_text("x = 1\n")
+    (project / "results" / "table1.md").write_text("old\n")
+    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", *args], cwd=project, check=True, capture_output=True)
+    monkeypatch.setattr(reporting, "PROJECT", project)
+    client = tmp_store(tmp_path)
+    assert reporting.builder(client, "vae_sweeps")["dirty"] is False
+    (project / "results" / "store" / ".snapshot-abc").mkdir(parents=True)
+    (project / "results" / "store" / ".snapshot-abc" / "mlflow.db").write_bytes(b"records")
+    (project / "results" / "table1.md").write_text("new\n")
+    assert reporting.builder(client, "vae_sweeps")["dirty"] is False
+    (project / "code.py").write_text("x = 2\n")
+    assert reporting.builder(client, "vae_sweeps")["dirty"] is True
+    subprocess.run(["git", "checkout", "code.py"], cwd=project, check=True)
+    (project / "new_prior.py").write_text("")  # a file the code may import, not yet committed
+    assert reporting.builder(client, "vae_sweeps")["dirty"] is True

@@ -245,7 +245,10 @@ def builder(client: MlflowClient, experiment: str) -> dict:
 
     judges = {run.data.tags.get("judge_dataset", "?"): (run.info.run_id, run.data.metrics.get("test/accuracy"))
               for run in store.every_run(client, f"{experiment}-judges", "attributes.status = 'FINISHED'")}
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain")),
+    # changed or new files outside results/, whose files (and the snapshot of the store that a
+    # publication builds from, results/store/.snapshot-*) are what the report writes, not its code
+    dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)results"))
+    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "dirty": dirty,
             "versions": {"Python": platform.python_version(), "torch": version("torch"),
                          "Lightning": version("pytorch-lightning"), "MLflow": version("mlflow")},
             "judges": judges}
