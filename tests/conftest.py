@@ -108,6 +108,14 @@ def _resolvers_registered():
     resolvers.register()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests' own torch work on one thread, as their jobs' (JOB_THREADS)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def migrated_db(tmp_path_factory) -> Path:
     """A new SQLite store with MLflow's tables made and no experiment of ours: MLflow's schema
@@ -138,9 +146,18 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
+# One torch thread per job: `make test` runs two tests at once, and a job of either would otherwise
+# take every usable core (threads=null), so 2 cores ran 4 threads or more, which spin-wait on each
+# other: two tiny jobs at once took 1.23 times as long (docs/code-layout.md). A test of how
+# `threads` is derived passes threads=null after these overrides (the last value wins).
+JOB_THREADS = "threads=1"
+
+
 def tiny_overrides(tmp_path: Path, tiny_root: Path) -> list[str]:
-    """Overrides that make a job train for 2 short epochs on the tiny data, into tmp_path."""
+    """Overrides that make a job train for 2 short epochs on the tiny data, into tmp_path, on one
+    torch thread (JOB_THREADS)."""
     return [
+        JOB_THREADS,
         f"data.root={tiny_root}",
         f"data.val_size={VAL_SIZE}",
         f"data.batch_size={BATCH}",

@@ -115,7 +115,7 @@ def test_without_a_gpu_jobs_per_gpu_changes_nothing(fake_gpus, monkeypatch, tmp_
 def test_a_joblib_gpu_sweep_runs_on_this_cpu(tmp_path, tiny_root):
     # the launcher resolves n_jobs here, and each joblib worker resolves it again for its threads
     done = run_cli(tmp_path, tiny_root, "seed=0,1", "trainer.max_epochs=1", "model=mlp2", "model.hidden=[64]",
-                   "hydra/launcher=joblib_gpu", "jobs_per_gpu=2", flags=("-m",))
+                   "hydra/launcher=joblib_gpu", "jobs_per_gpu=2", "threads=null", flags=("-m",))
     assert done.returncode == 0, done.stderr[-2000:]
     at_once = devices.jobs_at_once(2, devices.gpu_count())  # 1 without a GPU: one job at a time
     assert f"Joblib.Parallel(n_jobs={at_once}," in done.stdout + done.stderr

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import all_runs, job_env
+from conftest import JOB_THREADS, all_runs, job_env
 from vae_sweeps import identity, options
 from vae_sweeps.errors import ConfigError, DataError
 
@@ -30,7 +30,7 @@ def example_cli(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.Co
     env = job_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-m", "vae_sweeps", "--config-dir", str(EXAMPLES / "conf"), *args,
+        [sys.executable, "-m", "vae_sweeps", "--config-dir", str(EXAMPLES / "conf"), JOB_THREADS, *args,
          "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
          f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)

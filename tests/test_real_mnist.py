@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import all_runs, job_env, prepared_store, slowed_cli, tmp_store
+from conftest import JOB_THREADS, all_runs, job_env, prepared_store, slowed_cli, tmp_store
 
 from vae_sweeps import evaluation, judge
 from vae_sweeps.data import MNIST, load_arrays, to_tensors
@@ -18,9 +18,10 @@ from vae_sweeps.data import MNIST, load_arrays, to_tensors
 DATA = Path(os.environ.get("VAE_SWEEPS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 pytestmark = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {DATA}")
 
-# Short budgets: a small model, 10 training batches an epoch, 2 importance samples.
-SHORT = ["model=mlp2", "model.hidden=[64]", "+trainer.limit_train_batches=10", "+trainer.limit_val_batches=2",
-         "eval.iw_samples=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+# Short budgets: a small model, 10 training batches an epoch, 2 importance samples (one torch thread).
+SHORT = [JOB_THREADS, "model=mlp2", "model.hidden=[64]", "+trainer.limit_train_batches=10",
+         "+trainer.limit_val_batches=2", "eval.iw_samples=2", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false"]
 
 
 @pytest.fixture(autouse=True)

@@ -190,7 +190,7 @@ def test_a_single_finished_run_is_skipped_with_its_metrics(make_cfg, tmp_path):
 def test_parallel_joblib_jobs_lose_no_metric(tmp_path, tiny_root):
     epochs = 15  # two jobs at a time, each writing 6 metrics an epoch into one SQLite store
     done = run_cli(tmp_path, tiny_root, "seed=0,1,2,3", f"trainer.max_epochs={epochs}", *SMALL,
-                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", flags=("-m",))
+                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "threads=null", flags=("-m",))
     assert done.returncode == 0, done.stderr[-2000:]
     runs = all_runs(tmp_path)
     client = tmp_store(tmp_path)
@@ -206,7 +206,8 @@ def test_parallel_joblib_jobs_lose_no_metric(tmp_path, tiny_root):
 
 def test_a_submitit_local_sweep_is_tracked(tmp_path, tiny_root):
     done = run_cli(tmp_path, tiny_root, "seed=0,1", "trainer.max_epochs=1", *SMALL, "hydra/launcher=submitit_local",
-                   "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1", flags=("-m",))
+                   "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1", "threads=null",
+                   flags=("-m",))
     assert done.returncode == 0, done.stderr[-2000:]
     runs = all_runs(tmp_path)
     assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
