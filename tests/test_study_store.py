@@ -3,9 +3,10 @@ restored from it that continues the study (FINISHED skipped, a lost checkpoint t
 
 import sqlite3
 from contextlib import closing
+from pathlib import Path
 
 import pytest
-from conftest import tmp_store
+from conftest import prepared_store, tmp_store
 from mlflow import MlflowClient
 
 from vae_sweeps import study_store
@@ -55,6 +56,45 @@ def test_a_restored_store_continues_the_study(tmp_path, make_cfg):
     assert old.info.status == "KILLED" and "resume_from_epoch" not in old.data.tags
     assert "checkpoint was gone" in old.data.tags["error"]
     assert [m.step for m in restored.get_metric_history(again["run_id"], "train/loss")] == [1, 2]
+
+
+def test_restore_takes_paths_relative_to_the_working_folder(tmp_path, monkeypatch):
+    """As `make study` calls it (STUDY_STORE=mlruns/study): a copy to where the records were
+    published from keeps their artifact locations, a copy elsewhere points them beside it."""
+    monkeypatch.chdir(tmp_path)
+    client = prepared_store(tmp_path)
+    experiment_id = client.get_experiment_by_name("vae_sweeps").experiment_id
+    run_id = client.create_run(experiment_id).info.run_id
+    artifacts = tmp_path / "mlruns" / "artifacts"
+    published = tmp_path / "results" / "mlflow.db"
+    study_store.publish(tmp_path / "mlruns" / "mlflow.db", published)
+
+    (tmp_path / "mlruns" / "mlflow.db").unlink()  # the working store is lost, its artifacts are not
+    assert study_store.restore(Path("results/mlflow.db"), Path("mlruns/mlflow.db"))
+    same = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert same.get_experiment(experiment_id).artifact_location == artifacts.as_uri()
+
+    assert study_store.restore(Path("results/mlflow.db"), Path("elsewhere/mlflow.db"))
+    moved = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/elsewhere/mlflow.db")
+    beside = tmp_path / "elsewhere" / "artifacts"
+    assert moved.get_experiment(experiment_id).artifact_location == beside.as_uri()
+    assert moved.get_run(run_id).info.artifact_uri.startswith(beside.as_uri())
+
+
+def test_a_restore_that_fails_leaves_no_working_store(tmp_path, monkeypatch):
+    """Else the next `make study` would keep the half-restored store as it is."""
+    prepared_store(tmp_path)
+    published = tmp_path / "results" / "mlflow.db"
+    study_store.publish(tmp_path / "mlruns" / "mlflow.db", published)
+
+    def fail(db):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(study_store.store, "follow_moved_artifacts", fail)
+    working = tmp_path / "elsewhere" / "mlflow.db"
+    with pytest.raises(OSError, match="disk full"):
+        study_store.restore(published, working)
+    assert not working.exists()
 
 
 def test_the_committed_stores_have_the_installed_mlflows_schema():

@@ -225,6 +225,7 @@ def follow_moved_artifacts(db: Path) -> None:
     """
     if not db.is_file():
         return
+    db = db.resolve()  # locations are absolute: a relative db would seem to have moved
     with closing(sqlite3.connect(db, timeout=60, isolation_level=None)) as con:
         tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "experiments" not in tables:  # not created yet

@@ -72,8 +72,12 @@ def restore(published: Path, working: Path) -> bool:
         return False
     copy_database(published, working)
     (working.parent / "artifacts").mkdir(exist_ok=True)
-    with store.exclusive(store.store_lock(working)):
-        store.follow_moved_artifacts(working)
+    try:
+        with store.exclusive(store.store_lock(working)):
+            store.follow_moved_artifacts(working)
+    except BaseException:  # a half-restored store would be kept as it is by the next restore
+        working.unlink()
+        raise
     return True
 
 
