@@ -20,6 +20,9 @@ BENCH_ARGS ?= --cnn-variants --sweep
 TUNING_BENCH_ARGS ?=
 # More `mlflow server` options, e.g. SERVER_ARGS="--workers 2".
 SERVER_ARGS ?=
+# MLflow 3's server also starts six job-runner processes (huey) for its GenAI features (scorers,
+# prompt optimisation), which training runs never use: off unless SERVER_JOBS=true.
+SERVER_JOBS ?= false
 # The parts of the study (conf/experiment/) in the order they run: MNIST at 5 seeds, Fashion-MNIST
 # at 3, then seeds 5-9 of the arms that 10 seeds were expected to decide; and what study-quick
 # changes: 1 seed, 4 epochs, 10 importance samples for log p(x) instead of 50.
@@ -101,7 +104,7 @@ bench-tuning: ## A tuning trial's fixed cost, and what pruning saves on 12 trial
 	$(PY) benchmarks/tuning_bench.py $(TUNING_BENCH_ARGS)
 
 server: ## MLflow tracking server with served artifacts, http://127.0.0.1:5000 (HOST, PORT, BACKEND)
-	$(PY) -m mlflow server --backend-store-uri $(BACKEND) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$(SERVER_JOBS) $(PY) -m mlflow server --backend-store-uri $(BACKEND) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)
 
 ui: ## Browse the runs in the MLflow UI (the same server as make server); open the link it prints
 	@echo "Runs: http://$(HOST):$(PORT)/#/experiments/1/runs?workflowType=machine_learning (MLflow 3's 'Model training' view)"
