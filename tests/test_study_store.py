@@ -2,11 +2,13 @@
 restored from it that continues the study (FINISHED skipped, a lost checkpoint trained anew)."""
 
 import sqlite3
+import subprocess
+import sys
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import prepared_store, tmp_store
+from conftest import ROOT, prepared_store, tmp_store
 from mlflow import MlflowClient
 
 from vae_sweeps import study_store
@@ -74,7 +76,10 @@ def test_restore_takes_paths_relative_to_the_working_folder(tmp_path, monkeypatc
     same = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     assert same.get_experiment(experiment_id).artifact_location == artifacts.as_uri()
 
-    assert study_store.restore(Path("results/mlflow.db"), Path("elsewhere/mlflow.db"))
+    # `make study` (no part to run) in a folder the records were not published from
+    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "study", f"PY={sys.executable}", "STUDY=",
+                    "PROGRESS=none.db", "PUBLISHED=results/mlflow.db", "STUDY_STORE=elsewhere"],
+                   check=True, capture_output=True, text=True)
     moved = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/elsewhere/mlflow.db")
     beside = tmp_path / "elsewhere" / "artifacts"
     assert moved.get_experiment(experiment_id).artifact_location == beside.as_uri()
