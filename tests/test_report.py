@@ -356,6 +356,47 @@ def test_an_emptier_store_does_not_overwrite_a_published_report(report, tmp_path
     assert pd.read_csv(published / "runs.csv").empty
 
 
+def test_a_store_without_the_runs_images_keeps_the_figures_the_same_runs_gave(report, tmp_path):
+    """Published records carry no artifacts: rebuilt from them on a new machine, an image figure
+    stays as the last build drew it when its panels show the same runs, and is not drawn when
+    they are other runs (or there is no earlier build)."""
+    built, _, _, out = report
+    sources = pd.read_csv(out / "figures" / reporting.SOURCES)
+    fig3 = sources[sources["figure"] == "fig3_reconstructions"].set_index("panel")
+    counted = pd.read_csv(out / "runs.csv").set_index("run_id")
+    for panel, loss in (("L1", "l1"), ("L2", "l2"), ("BCE", "bce")):  # each panel's lowest seed of its cell
+        cell = counted[(counted["loss.name"] == loss) & (counted["model.latent_dim"] == 2)
+                       & (counted["prior.name"] == "standard")]
+        assert fig3.loc[panel, "run_id"] == cell["seed"].idxmin() and fig3.loc[panel, "seed"] == 0
+    assert set(sources["figure"]) == {name for name in built["figures"] if not name.startswith("curves")}
+
+    published = tmp_path / "results" / "store" / "mlflow.db"
+    study_store.publish(out.parent / "mlruns" / "mlflow.db", published)
+    restored = tmp_path / "elsewhere" / "mlflow.db"  # its artifact locations point beside it: no images there
+    study_store.restore(published, restored)
+    client = MlflowClient(tracking_uri=f"sqlite:///{restored}")
+
+    again = tmp_path / "again"
+    (again / "figures").mkdir(parents=True)
+    for path in [*out.glob("*.*"), *out.glob("figures/*")]:
+        (again / path.relative_to(out)).write_bytes(path.read_bytes())
+    (again / "figures" / reporting.SOURCES).write_text((out / "figures" / reporting.SOURCES).read_text().replace(
+        fig3.loc["L1", "run_id"], "0" * 32))  # the last build drew Fig. 3 from another run
+    rebuilt = build_report(client, "vae_sweeps", again)
+    kept = set(sources["figure"]) - {"fig3_reconstructions"}
+    for name in kept:
+        assert (again / "figures" / f"{name}.png").read_bytes() == (out / "figures" / f"{name}.png").read_bytes()
+    assert set(rebuilt["figures"]) == kept | {"curves_latent", "curves_models"}
+    report_md = (again / "report.md").read_text()
+    assert report_md.count("As the last build of this report drew it") == len(kept)
+    assert "Not drawn: no finished run (with this figure) for L1, L2, BCE;" in report_md.split("### Fig. 4a")[0]
+    assert pd.read_csv(again / "figures" / reporting.SOURCES).equals(
+        sources[sources["figure"] != "fig3_reconstructions"].reset_index(drop=True))
+
+    fresh = build_report(client, "vae_sweeps", tmp_path / "fresh")  # a clone's first build: nothing to keep
+    assert set(fresh["figures"]) == {"curves_latent", "curves_models"}
+
+
 def test_fluctuation_is_the_spread_of_the_epoch_to_epoch_changes_over_the_last_half():
     # last half of 8 epochs: 10, 12, 11, 13 -> changes +2, -1, +2: std (ddof 1) = sqrt(3)
     assert fluctuation([50, 40, 30, 20, 10, 12, 11, 13]) == pytest.approx(3 ** 0.5)

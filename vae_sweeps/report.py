@@ -44,6 +44,10 @@ from vae_sweeps.tables import (DASH, FLAG, FLUCTUATION, PROJECT, RECORD, TABLES_
                                tuning_command)
 
 TUNING_CURVES = "tuning_curves"  # the figure of the tuning studies, drawn where there are trials
+# figures/sources.csv: the run whose image each panel of an image figure shows. A figure whose
+# images a store no longer holds (the published records carry no artifacts) is kept as the last
+# build drew it, if that build drew it from the same runs: it is the figure they would give.
+SOURCES = "sources.csv"
 # The README's block that --readme rewrites with summary.md (make results)
 README_BEGIN = "<!-- results:begin (written by `make results` from results/summary.md: edit the report, not this) -->"
 README_END = "<!-- results:end -->"
@@ -129,6 +133,7 @@ class Report:
     built: dict = field(default_factory=dict)
     made: dict = field(default_factory=dict)
     absent: dict = field(default_factory=dict)
+    kept: list = field(default_factory=list)
 
     @property
     def not_counted(self) -> int:
@@ -165,24 +170,41 @@ def query(client: MlflowClient, experiment: str, source: str = "") -> Report:
 
 
 def draw_figures(client: MlflowClient, report: Report, folder: Path) -> None:
-    """The report's figures (tables.yaml), each from its cells' runs, into ``folder``."""
+    """The report's figures (tables.yaml), each from its cells' runs, into ``folder``, and the
+    runs their panels show into ``folder``/sources.csv (SOURCES)."""
+    before = pd.read_csv(folder / SOURCES, dtype=str, keep_default_na=False) if (folder / SOURCES).is_file() else pd.DataFrame(
+        columns=["figure", "panel", "seed", "run_id"])
+    sources = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, fig_spec in report.spec["figures"].items():
             panels = {label: report.cells[(table, cell_key(value))]
                       for label, (table, value) in fig_spec["panels"].items()}
             panels = {label: group for label, group in panels.items() if not group.empty}
+            fig = None
             if fig_spec["kind"] == "curves":
                 fig = compose_curves(client, fig_spec, panels) if panels else None
             else:
+                shown_runs = [(name, label, str(int(group["seed"].iloc[0])), group["run_id"].iloc[0])
+                              for label, group in panels.items()]
                 images = panel_images(client, fig_spec["artifact"], panels, Path(tmp))
-                panels = {label: panels[label] for label in images}
-                absent_images = [label for label in fig_spec["panels"] if label not in images]
-                shown = {f"{label} (seed {int(panels[label]['seed'].iloc[0])})": image for label, image in images.items()}
-                fig = figures.compose_artifacts(fig_spec["title"], shown, absent_images) if images else None
+                drawn_before = sorted(map(tuple, before[before["figure"] == name].to_numpy()))
+                if len(images) < len(panels) and drawn_before == sorted(shown_runs) and (folder / f"{name}.png").is_file():
+                    report.kept.append(name)  # the same runs' figure, whose images this store lacks
+                else:
+                    panels = {label: panels[label] for label in images}
+                    shown_runs = [row for row in shown_runs if row[1] in images]
+                    absent_images = [label for label in fig_spec["panels"] if label not in images]
+                    shown = {f"{label} (seed {int(panels[label]['seed'].iloc[0])})": image
+                             for label, image in images.items()}
+                    fig = figures.compose_artifacts(fig_spec["title"], shown, absent_images) if images else None
+                if fig is not None or name in report.kept:
+                    sources += shown_runs
             report.absent[name] = [label for label in fig_spec["panels"] if label not in panels]
-            if fig is not None:
+            if fig is not None or name in report.kept:
                 report.made[name] = folder / f"{name}.png"
+            if fig is not None:
                 fig.savefig(report.made[name])
+    pd.DataFrame(sources, columns=["figure", "panel", "seed", "run_id"]).to_csv(folder / SOURCES, index=False)
     curves = {study: trials.equal_budget_curve(group) for study, group in report.trials.groupby("study")}
     curves = {study: points for study, points in curves.items() if points}
     if curves:
@@ -362,6 +384,9 @@ def report_markdown(report: Report) -> str:
         lines += [f"### {fig_spec['title']}", "", fig_spec["text"], ""]
         if name in made:
             lines += [f"![{fig_spec['title']}](figures/{made[name].name})", ""]
+        if name in report.kept:
+            lines += [f"As the last build of this report drew it: this store does not hold its runs' images "
+                      f"(figures/{SOURCES} names them).", ""]
         if absent[name]:
             what = "Not drawn" if name not in made else "Left out"
             lines += [f"{what}: no finished run (with this figure) for {', '.join(absent[name])}; "
