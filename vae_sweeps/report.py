@@ -47,7 +47,7 @@ TUNING_CURVES = "tuning_curves"  # the figure of the tuning studies, drawn where
 # figures/sources.csv: the run whose image each panel of an image figure shows. A figure whose
 # images a store no longer holds (the published records carry no artifacts) is kept as the last
 # build drew it, if that build drew it from the same runs: it is the figure they would give.
-SOURCES = "sources.csv"
+SOURCES, SOURCE_COLUMNS = "sources.csv", ["figure", "panel", "seed", "run_id"]
 # The README's block that --readme rewrites with summary.md (make results)
 README_BEGIN = "<!-- results:begin (written by `make results` from results/summary.md: edit the report, not this) -->"
 README_END = "<!-- results:end -->"
@@ -169,42 +169,47 @@ def query(client: MlflowClient, experiment: str, source: str = "") -> Report:
     return report
 
 
+def compose_images(client: MlflowClient, name: str, fig_spec: dict, panels: dict[str, pd.DataFrame], tmp: Path,
+                   before: pd.DataFrame, folder: Path) -> tuple[Figure | None, dict, list, bool]:
+    """(the image figure ``name``, the panels it shows, their runs as rows of SOURCES, whether
+    the last build's file in ``folder`` is kept instead): kept where this store lacks some of the
+    panels' images and that build drew the figure from the same runs (``before``: its SOURCES)."""
+    runs = [(name, label, str(int(group["seed"].iloc[0])), group["run_id"].iloc[0]) for label, group in panels.items()]
+    images = panel_images(client, fig_spec["artifact"], panels, tmp)
+    drawn_before = sorted(map(tuple, before[before["figure"] == name].to_numpy()))
+    if len(images) < len(panels) and drawn_before == sorted(runs) and (folder / f"{name}.png").is_file():
+        return None, panels, runs, True
+    panels = {label: panels[label] for label in images}
+    absent = [label for label in fig_spec["panels"] if label not in images]
+    shown = {f"{label} (seed {int(panels[label]['seed'].iloc[0])})": image for label, image in images.items()}
+    fig = figures.compose_artifacts(fig_spec["title"], shown, absent) if images else None
+    return fig, panels, [row for row in runs if row[1] in images], False
+
+
 def draw_figures(client: MlflowClient, report: Report, folder: Path) -> None:
     """The report's figures (tables.yaml), each from its cells' runs, into ``folder``, and the
-    runs their panels show into ``folder``/sources.csv (SOURCES)."""
-    before = pd.read_csv(folder / SOURCES, dtype=str, keep_default_na=False) if (folder / SOURCES).is_file() else pd.DataFrame(
-        columns=["figure", "panel", "seed", "run_id"])
+    runs their image panels show into ``folder``/sources.csv (SOURCES)."""
+    before = (pd.read_csv(folder / SOURCES, dtype=str, keep_default_na=False) if (folder / SOURCES).is_file()
+              else pd.DataFrame(columns=SOURCE_COLUMNS))
     sources = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, fig_spec in report.spec["figures"].items():
             panels = {label: report.cells[(table, cell_key(value))]
                       for label, (table, value) in fig_spec["panels"].items()}
             panels = {label: group for label, group in panels.items() if not group.empty}
-            fig = None
             if fig_spec["kind"] == "curves":
-                fig = compose_curves(client, fig_spec, panels) if panels else None
+                fig, runs, kept = compose_curves(client, fig_spec, panels) if panels else None, [], False
             else:
-                shown_runs = [(name, label, str(int(group["seed"].iloc[0])), group["run_id"].iloc[0])
-                              for label, group in panels.items()]
-                images = panel_images(client, fig_spec["artifact"], panels, Path(tmp))
-                drawn_before = sorted(map(tuple, before[before["figure"] == name].to_numpy()))
-                if len(images) < len(panels) and drawn_before == sorted(shown_runs) and (folder / f"{name}.png").is_file():
-                    report.kept.append(name)  # the same runs' figure, whose images this store lacks
-                else:
-                    panels = {label: panels[label] for label in images}
-                    shown_runs = [row for row in shown_runs if row[1] in images]
-                    absent_images = [label for label in fig_spec["panels"] if label not in images]
-                    shown = {f"{label} (seed {int(panels[label]['seed'].iloc[0])})": image
-                             for label, image in images.items()}
-                    fig = figures.compose_artifacts(fig_spec["title"], shown, absent_images) if images else None
-                if fig is not None or name in report.kept:
-                    sources += shown_runs
+                fig, panels, runs, kept = compose_images(client, name, fig_spec, panels, Path(tmp), before, folder)
             report.absent[name] = [label for label in fig_spec["panels"] if label not in panels]
-            if fig is not None or name in report.kept:
+            if fig is not None or kept:
                 report.made[name] = folder / f"{name}.png"
+                sources += runs
             if fig is not None:
                 fig.savefig(report.made[name])
-    pd.DataFrame(sources, columns=["figure", "panel", "seed", "run_id"]).to_csv(folder / SOURCES, index=False)
+            if kept:
+                report.kept.append(name)
+    pd.DataFrame(sources, columns=SOURCE_COLUMNS).to_csv(folder / SOURCES, index=False)
     curves = {study: trials.equal_budget_curve(group) for study, group in report.trials.groupby("study")}
     curves = {study: points for study, points in curves.items() if points}
     if curves:
