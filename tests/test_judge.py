@@ -73,12 +73,12 @@ def test_the_judge_is_stored_once_and_reused(tmp_path, digits, monkeypatch):
     calls = []
     original = judge.fit
     monkeypatch.setattr(judge, "fit", lambda *a, **k: calls.append(1) or original(*a, **k))
-    first = judge.load_or_train(client, experiment, "mnist", splits, epochs=3)
-    again = judge.load_or_train(client, experiment, "mnist", splits, epochs=3)
+    first, first_run = judge.load_or_train(client, experiment, "mnist", splits, epochs=3)
+    again, again_run = judge.load_or_train(client, experiment, "mnist", splits, epochs=3)
     assert calls == [1]  # trained once, then loaded
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
     (run,) = client.search_runs([experiment])
-    assert run.info.run_name == "judge-mnist"
+    assert run.info.run_name == "judge-mnist" and first_run == again_run == run.info.run_id
     assert run.data.metrics["test/accuracy"] == pytest.approx(judge.accuracy(first, *splits["test"]))
     judge.load_or_train(client, experiment, "mnist", splits, epochs=4)  # another recipe: another judge
     assert calls == [1, 1]

@@ -415,10 +415,33 @@ def test_the_report_reads_as_a_reviewer_needs(report):
     assert "not a normalised density" in text and "docs/study.md" in text and "../shared" not in text
     assert "This report was built by the code at commit `" in text and "Lightning" in text and "MLflow" in text
     assert "The judges behind the judged metrics (judge.py): mnist-" in text and "test accuracy" in text
+    (judge_run,) = {tmp_store(out.parent).get_run(r["run_id"]).data.tags["judge_run"] for r in results}
+    assert f"run `{judge_run}`, test accuracy" in text and f"{len(results)} counted run(s) judged" in text
     assert str(out.parent) not in text  # no path of the machine that built it
     evaluation = (out / "table2.md").read_text()
     assert "log p(x), IW (Bernoulli, c = 1)" in evaluation and "IW bound of the training objective" in evaluation
     assert "| bce |" in evaluation
+
+
+def test_each_counted_run_is_credited_to_the_judge_that_judged_it():
+    """Its tag judge_run, else the judge of its dataset that finished last before the run ended
+    (a store restored on a new machine trains a judge of its own)."""
+    judges = [{"dataset": "fashion_mnist-f", "run_id": "F", "accuracy": 0.9, "end_time": 50},
+              {"dataset": "mnist-m", "run_id": "A", "accuracy": 0.9899, "end_time": 100},
+              {"dataset": "mnist-m", "run_id": "B", "accuracy": 0.9901, "end_time": 200},
+              {"dataset": "mnist-m", "run_id": "U", "accuracy": None, "end_time": 300}]
+    done = pd.DataFrame({"data.name": ["mnist", "mnist", "mnist", "mnist", "fashion_mnist", "mnist"],
+                         "end_time": [150, 250, 260, 400, 300, 500],
+                         "judge_run": [None, None, "A", "U", None, None],
+                         "metrics.test/judged_accuracy": [0.8, 0.8, 0.8, 0.8, 0.7, np.nan]})
+    assert reporting.judged_by(done, judges).fillna("none").tolist() == ["A", "B", "A", "U", "F", "none"]
+    built = {"commit": "abc", "dirty": False, "versions": {"torch": "2"}, "judges": judges}
+    text = reporting.built_by(built, done)
+    assert ("mnist-m: run `A`, test accuracy 98.99%, 2 counted run(s) judged; mnist-m: run `B`, test accuracy 99.01%, "
+            "1 counted run(s) judged; mnist-m: run `U`, 1 counted run(s) judged") in text
+    assert "fashion_mnist-f: run `F`, test accuracy 90.00%, 1 counted run(s) judged" in text
+    assert "The runs of mnist-m were judged by more than one judge" in text
+    assert "more than one judge" not in reporting.built_by(built, done.iloc[[0, 2, 4]])
 
 
 def test_the_builder_counts_changes_to_the_code_not_the_reports_own_files(tmp_path, monkeypatch):

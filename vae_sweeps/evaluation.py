@@ -170,16 +170,16 @@ def evaluation_part(vae, datamodule, settings: dict, uri: str, experiment: str) 
 
 
 def judge_part(vae, datamodule, settings: dict, uri: str, experiment: str) -> tuple[dict, dict]:
-    """The judged metrics of judge.py and the tag ``classes_drawn``, by the dataset's judge
+    """The judged metrics of judge.py and the tags ``classes_drawn`` and ``judge_run``, by the dataset's judge
     (trained once per store and dataset, in the experiment ``judges_experiment`` names)."""
     client, judges = judges_experiment(uri, experiment)
     epochs = int(settings["eval.judge_epochs"])
     dataset = judge.data_key(settings["data.name"], datamodule)
     with store.lock(uri, f"judge-{dataset}-{epochs}"):  # parallel jobs train it once
-        the_judge = judge.load_or_train(client, judges, dataset, datamodule.splits, epochs)
+        the_judge, judge_run = judge.load_or_train(client, judges, dataset, datamodule.splits, epochs)
     the_judge = the_judge.to(next(vae.parameters()).device)
     judged, drawn = judge.judge_metrics(the_judge, vae, datamodule.splits["test"], int(settings["seed"]))
-    return judged, {"classes_drawn": drawn}
+    return judged, {"classes_drawn": drawn, "judge_run": judge_run}
 
 
 # Each part of the evaluation (the ``part`` of metrics.py's entries) -> the function that computes

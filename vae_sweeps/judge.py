@@ -19,7 +19,11 @@ With it, each run logs (``judge_metrics``):
 - ``test/drawn_share_<k>``: of those same decoded points, the share that the judge assigns to
   class k with confidence >= 0.9: how often the decoder draws a k, not only whether it ever does;
 - ``test/sample_class_entropy``: the entropy (nats; ln 10 = 2.30 is every class equally often)
-  of the judge's classes over prior samples: a mode-coverage number.
+  of the judge's classes over prior samples: a mode-coverage number;
+
+and the tag ``judge_run``: the judge's run id. (A store restored on a new machine has no judge
+weights, so the judge trained there is another one, if seeded alike: the report says which
+judge judged how many runs.)
 """
 
 from __future__ import annotations
@@ -97,9 +101,9 @@ def data_key(name: str, datamodule) -> str:
     return f"{name}-{digest}"
 
 
-def load_or_train(client, experiment_id: str, dataset: str, splits: dict, epochs: int) -> Judge:
-    """The judge of ``dataset`` (data_key) stored in the judges' experiment, or a new one
-    trained on the whole training file (train and validation splits) and stored there."""
+def load_or_train(client, experiment_id: str, dataset: str, splits: dict, epochs: int) -> tuple[Judge, str]:
+    """(the judge of ``dataset`` (data_key) stored in the judges' experiment, or a new one
+    trained on the whole training file (train and validation splits) and stored there; its run id)."""
     found = client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
                                filter_string=f"tags.judge_dataset = '{dataset}' and tags.judge_version = "
                                              f"'{JUDGE_VERSION}' and params.epochs = '{epochs}' and "
@@ -115,7 +119,7 @@ def load_or_train(client, experiment_id: str, dataset: str, splits: dict, epochs
             judge = Judge(len(next(reversed(state.values()))),  # the last layer's bias: one per class
                           tuple(splits["test"][0].shape[1:]))
             judge.load_state_dict(state)
-            return judge.eval()
+            return judge.eval(), found[0].info.run_id
 
     images = torch.cat([splits["train"][0], splits["val"][0]]).cpu()
     labels = torch.cat([splits["train"][1], splits["val"][1]]).cpu()
@@ -133,7 +137,7 @@ def load_or_train(client, experiment_id: str, dataset: str, splits: dict, epochs
         client.log_artifact(run_id, str(local), str(Path(ARTIFACT).parent))
     client.set_terminated(run_id, "FINISHED")
     log.info("The %s judge reaches %.2f%% test accuracy (run %s)", dataset, 100 * test_accuracy, run_id)
-    return judge
+    return judge, run_id
 
 
 @torch.no_grad()

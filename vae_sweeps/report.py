@@ -257,7 +257,8 @@ def runs_table(done: pd.DataFrame) -> pd.DataFrame:
 
 def builder(client: MlflowClient, experiment: str) -> dict:
     """What builds this report: the project's commit, the versions of Python and the libraries,
-    and the judges (judge.py) whose verdicts the runs carry: {dataset: (run id, test accuracy)}."""
+    and the judges (judge.py) whose verdicts the runs carry: [{dataset, run_id, accuracy, end_time}]
+    in the order they were trained, per dataset."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=PROJECT, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -270,25 +271,52 @@ def builder(client: MlflowClient, experiment: str) -> dict:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    judges = {run.data.tags.get("judge_dataset", "?"): (run.info.run_id, run.data.metrics.get("test/accuracy"))
-              for run in store.every_run(client, f"{experiment}-judges", "attributes.status = 'FINISHED'")}
+    judges = [{"dataset": run.data.tags.get("judge_dataset", "?"), "run_id": run.info.run_id,
+               "accuracy": run.data.metrics.get("test/accuracy"), "end_time": run.info.end_time}
+              for run in store.every_run(client, f"{experiment}-judges", "attributes.status = 'FINISHED'")]
     # changed or new files outside results/, whose files (and the snapshot of the store that a
     # publication builds from, results/store/.snapshot-*) are what the report writes, not its code
     dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)results"))
     return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "dirty": dirty,
             "versions": {"Python": platform.python_version(), "torch": version("torch"),
                          "Lightning": version("pytorch-lightning"), "MLflow": version("mlflow")},
-            "judges": judges}
+            "judges": sorted(judges, key=lambda found: (found["dataset"], found["end_time"]))}
 
 
-def built_by(built: dict) -> str:
-    """The sentence that names what built the report (``builder``)."""
+def judged_by(done: pd.DataFrame, judges: list[dict]) -> pd.Series:
+    """The judge run behind each counted run's judged metrics (None for a run without them): its
+    tag ``judge_run``, else (a run from before that tag) the judge of its dataset that finished
+    last before the run ended, since a run's end-of-run evaluation loads the latest judge, or
+    trains one where there is none (or its weights are gone)."""
+    def judge_of(run: pd.Series) -> str | None:
+        if pd.isna(run.get("metrics.test/judged_accuracy")):
+            return None
+        if isinstance(run.get("judge_run"), str):
+            return run["judge_run"]
+        before = [found for found in judges if found["dataset"].startswith(f"{run['data.name']}-")
+                  and found["end_time"] <= run["end_time"]]
+        return max(before, key=lambda found: found["end_time"])["run_id"] if before else None
+
+    return done.apply(judge_of, axis=1) if len(done) else pd.Series(dtype=object)
+
+
+def built_by(built: dict, done: pd.DataFrame) -> str:
+    """The sentences that name what built the report (``builder``) and which judge judged how
+    many of the counted runs (``judged_by``)."""
     versions = ", ".join(f"{name} {v}" for name, v in built["versions"].items())
-    judges = "; ".join(f"{dataset}: run `{run_id}`, test accuracy {accuracy:.2%}" if accuracy is not None
-                       else f"{dataset}: run `{run_id}`" for dataset, (run_id, accuracy) in sorted(built["judges"].items()))
+    judged = judged_by(done, built["judges"]).value_counts()
+    judges = "; ".join(f"{found['dataset']}: run `{found['run_id']}`"
+                       + (f", test accuracy {found['accuracy']:.2%}" if found["accuracy"] is not None else "")
+                       + f", {judged.get(found['run_id'], 0)} counted run(s) judged" for found in built["judges"])
+    in_use = pd.Series([found["dataset"] for found in built["judges"] if judged.get(found["run_id"], 0)], dtype=object)
+    several = sorted(in_use[in_use.duplicated()].unique())  # datasets whose runs more than one judge judged
     return (f"This report was built by the code at commit `{built['commit']}`"
             f"{' with uncommitted changes' if built['dirty'] else ''}, with {versions}. "
-            f"The judges behind the judged metrics (judge.py): {judges or 'none in this store'}.")
+            f"The judges behind the judged metrics (judge.py): {judges or 'none in this store'}."
+            + (f" The runs of {', '.join(several)} were judged by more than one judge: each judge is trained "
+               "alike (the same images, seed and recipe), once per store, and again where a store restored "
+               "from its published records has no judge weights (they are not published), so the judges "
+               "of different machines may differ slightly." if several else ""))
 
 
 def shown_store(uri: str) -> str:
@@ -338,7 +366,7 @@ def report_markdown(report: Report) -> str:
         f"Built {time.strftime('%Y-%m-%d %H:%M')} from {len(done)} FINISHED run(s) of the MLflow experiment "
         f"`{experiment}`{f' at `{source}`' if source else ''}; {n_other} run(s) that did not finish "
         "(FAILED, KILLED, RUNNING) are not counted. The study itself, its published numbers and what is ours: "
-        "docs/study.md.", "", provenance(done), "", *([built_by(built), ""] if built else []),
+        "docs/study.md.", "", provenance(done), "", *([built_by(built, done), ""] if built else []),
         "How to read the tables. *Recon*, *KL* and *Total* (= c * Recon + KL) are ours, per test image, "
         "as mean ± std over *n* seeds after *epochs* epochs (30: the study gives no epoch count). Where a table "
         "has rows with c ≠ 1, their Totals are on different scales, and *Recon + KL* (the negative ELBO at c = 1) "

@@ -27,10 +27,10 @@ from vae_sweeps.errors import ConfigError
 from vae_sweeps.identity import PROJECT
 
 TABLES_FILE = PROJECT / "experiments" / "tables.yaml"
-TAGGED = ("sweep_id", "classes_drawn", "host", "torch_version", "cpu_count", "torch_threads", "command")
+TAGGED = ("sweep_id", "classes_drawn", "judge_run", "host", "torch_version", "cpu_count", "torch_threads", "command")
 # per-run columns that are not params: the run, its group (identity.group_key) and provenance tags
-RECORD = ("run_id", "status", "start_time", "end_time", "sweep_id", "group", "classes_drawn", "commit", "host",
-          "torch_version", "cpu_count", "torch_threads", "command")
+RECORD = ("run_id", "status", "start_time", "end_time", "sweep_id", "group", "classes_drawn", "judge_run", "commit",
+          "host", "torch_version", "cpu_count", "torch_threads", "command")
 STATS = (("recon", "recon"), ("kl", "kl"), ("total", "loss"))  # (column name, metric name)
 # Recon + KL of each run: its Total where c = 1, and the c = 1 negative ELBO (one scale) where c != 1
 PLAIN_TOTAL = ("recon_plus_kl", "Recon + KL")
