@@ -100,7 +100,7 @@ test: ## Run the test suite
 bench: ## Training speed against a plain PyTorch loop, memory, CNN variants, sweep throughput (~6 min)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
-bench-tuning: ## A tuning trial's fixed cost, and what pruning saves on 12 trials of mlp2 (~40 min; docs/tuning.md)
+bench-tuning: ## A tuning trial's fixed cost, and what pruning saves on 12 trials of mlp2 (~75 min; docs/tuning.md)
 	$(PY) benchmarks/tuning_bench.py $(TUNING_BENCH_ARGS)
 
 server: ## MLflow tracking server with served artifacts, http://127.0.0.1:5000 (HOST, PORT, BACKEND)

@@ -1,6 +1,6 @@
 """What a tuning trial costs beyond its epochs, and what pruning saves (docs/tuning.md).
 
-    python benchmarks/tuning_bench.py             # both, on MNIST (about 40 min on 2 idle cores)
+    python benchmarks/tuning_bench.py             # both, on MNIST (72 min on 2 idle cores, 2026-12-07)
     python benchmarks/tuning_bench.py --tiny      # a smoke test: a few short epochs of each
 
 1. Fixed cost: a worker trains `--trials` trials of 3 epochs each (mlp3, the study's settings,
