@@ -160,7 +160,7 @@ EVAL_VERSION = "2"
 
 def judges_experiment(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """The store's experiment that holds the judges of ``experiment``'s runs."""
-    return store.open_store(uri, f"{experiment}-judges")
+    return store.open_store(uri, judge.experiment_name(experiment))
 
 
 def evaluation_part(vae, datamodule, settings: dict, uri: str, experiment: str) -> tuple[dict, dict]:

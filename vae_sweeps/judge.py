@@ -92,6 +92,11 @@ def accuracy(judge: Judge, images: torch.Tensor, labels: torch.Tensor) -> float:
     return (judge.probabilities(images).argmax(1) == labels).double().mean().item()
 
 
+def experiment_name(experiment: str) -> str:
+    """The MLflow experiment that holds the judges of ``experiment``'s runs."""
+    return f"{experiment}-judges"
+
+
 def data_key(name: str, datamodule) -> str:
     """What a judge is trained for: the data option's ``name`` and a digest of its files
     (ImageData.describe), so that two datasets of one option (a user's .npz files) never share
@@ -99,6 +104,11 @@ def data_key(name: str, datamodule) -> str:
     described = datamodule.describe()
     digest = hashlib.sha256(json.dumps([described["name"], described["checksums"]]).encode()).hexdigest()[:8]
     return f"{name}-{digest}"
+
+
+def data_name(key: str) -> str:
+    """The data option's name in a judge's ``data_key``."""
+    return key.rsplit("-", 1)[0]
 
 
 def load_or_train(client, experiment_id: str, dataset: str, splits: dict, epochs: int) -> tuple[Judge, str]:

@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from vae_sweeps import claims, figures, identity, store, study_store, trials
+from vae_sweeps import claims, figures, identity, judge, store, study_store, trials
 from vae_sweeps.errors import UserError, config_folder, redact
 from vae_sweeps.tables import (DASH, FLAG, FLUCTUATION, PROJECT, RECORD, TABLES_FILE, brief_markdown, build_table,
                                cell_key, evaluation_markdown, finished_groups, load_runs, pick_group, row_label,
@@ -273,7 +273,7 @@ def builder(client: MlflowClient, experiment: str) -> dict:
 
     judges = [{"dataset": run.data.tags.get("judge_dataset", "?"), "run_id": run.info.run_id,
                "accuracy": run.data.metrics.get("test/accuracy"), "end_time": run.info.end_time}
-              for run in store.every_run(client, f"{experiment}-judges", "attributes.status = 'FINISHED'")]
+              for run in store.every_run(client, judge.experiment_name(experiment), "attributes.status = 'FINISHED'")]
     # changed or new files outside results/, whose files (and the snapshot of the store that a
     # publication builds from, results/store/.snapshot-*) are what the report writes, not its code
     dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)results"))
@@ -293,7 +293,7 @@ def judged_by(done: pd.DataFrame, judges: list[dict]) -> pd.Series:
             return None
         if isinstance(run.get("judge_run"), str):
             return run["judge_run"]
-        before = [found for found in judges if found["dataset"].startswith(f"{run['data.name']}-")
+        before = [found for found in judges if judge.data_name(found["dataset"]) == run["data.name"]
                   and found["end_time"] <= run["end_time"]]
         return max(before, key=lambda found: found["end_time"])["run_id"] if before else None
 
