@@ -174,6 +174,7 @@ def test_a_tuning_spends_its_budget_prunes_and_after_a_kill_ends_with_the_same_b
     # no finished trial trained again: one run per configuration, the killed one resumed
     assert len({r.info.run_id for r in runs}) == len(runs) == len(study.get_trials()) - 1
     assert finished_before <= {r.info.run_id for r in runs}
+    assert {r.data.tags["torch_threads"] for r in runs} == {"1"}  # the jobs' threads=1 (conftest.JOB_THREADS)
     assert sum(int(t.user_attrs["epochs"]) for t in study.get_trials()) == 12  # the budget, exactly
     uninterrupted = the_study(folder)
     assert study.best_trial.params == uninterrupted.best_trial.params

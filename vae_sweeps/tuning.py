@@ -457,11 +457,13 @@ def inherit_rungs(study, trial) -> None:
 def fit(trial_cfg: DictConfig, trial, spent: int, prune: bool) -> dict:
     """Train and validate one seed of a trial as a tracked run; {state, value, epochs, run_id}."""
     import pytorch_lightning as pl
+    import torch
     from mlflow import MlflowClient
 
     from vae_sweeps import options, runs
-    from vae_sweeps.train import EpochLines, build_module, make_trainer, progress_bar
+    from vae_sweeps.train import EpochLines, build_module, make_trainer, progress_bar, torch_threads
 
+    torch.set_num_threads(torch_threads(trial_cfg))  # as a study job: `threads`, else this worker's share of the cores
     datamodule = options.build("data", trial_cfg.data, seed=trial_cfg.seed)
     with runs.tracked_run(trial_cfg, datamodule) as run:
         if run.skipped:  # FINISHED before (told from its record), or in another worker's hands (NaN: FAIL)
