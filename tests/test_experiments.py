@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra_plugins.vae_sweeps_sweeper.study_sweeper import expand_jobs, plan_jobs, study_grids
 from mlflow import MlflowClient
 
-from vae_sweeps import identity, tables
+from vae_sweeps import identity, tables, trials
 from vae_sweeps.errors import ConfigError
 
 SPEC = yaml.safe_load(tables.TABLES_FILE.read_text())
@@ -65,10 +65,11 @@ def planned(*arguments: str, sweep: dict | None = None):
 WINNERS = {"mlp2": ("0.003", "64"), "mlp3": ("0.0005", "256"), "mlp4": ("0.0007", "64"), "cnn": ("0.002", "32")}
 
 
-def tuning_store(folder, arms=WINNERS) -> str:
+def tuning_store(folder, arms=WINNERS, unended=()) -> str:
     """A store (its tracking URI) in ``folder`` whose tune_table1 trials make ``arms`` the winners:
     per arm, trial 0 at the default settings, trial 1 at the winner's (lower), trial 2 PRUNED at
-    another (lower still: a pruned trial never wins)."""
+    another (lower still: a pruned trial never wins); every arm's study has ended but those of the
+    models ``unended``."""
     uri = f"sqlite:///{folder}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     for model, (lr, batch) in arms.items():
@@ -77,6 +78,9 @@ def tuning_store(folder, arms=WINNERS) -> str:
                                               (1, "COMPLETE", 140.0, (lr, batch)), (2, "PRUNED", 130.0, ("0.01", "16"))):
             fake_trial(client, study, trial, state, value, 3 if state == "PRUNED" else 10, 10 ** 12 + trial,
                        {"optim.lr": searched[0], "data.batch_size": searched[1]}, **{"model.name": model})
+        if model not in unended:
+            experiment = client.get_experiment_by_name(trials.trials_experiment("vae_sweeps")).experiment_id
+            client.set_experiment_tag(experiment, trials.ended_tag(study), trials.ended_value(study, 23, 23))
     return uri
 
 
@@ -174,6 +178,17 @@ def test_a_tuned_part_names_the_arm_without_a_winner_and_the_tuning_command(tmp_
     with pytest.raises(ConfigError, match="table1_tuned's arm model.name=mlp2 has no COMPLETE trial"):
         study_grids("table1_tuned", [], {"uri": uri, "experiment": "another_study"})  # its trials are elsewhere
     assert study_grids("table1", [], {"uri": f"sqlite:///{nowhere}", "experiment": "vae_sweeps"})  # no store needed
+
+
+def test_a_tuned_part_refuses_an_arm_whose_tuning_study_has_not_ended(tmp_path, monkeypatch):
+    # a tuning stopped half-way: mlp3's winner so far had less of the budget than the others'
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tuning_store(tmp_path / "mlruns", unended=("mlp3",))
+    with pytest.raises(ConfigError, match=r"table1_tuned's arm is tuned by the study tune_table1/model=mlp3, which "
+                                          r"has not ended in this store \(23 epochs spent\).*Run `python -m "
+                                          r"vae_sweeps experiment=tune_table1` to finish it first"):
+        study_grids("table1_tuned", [], {"uri": uri, "experiment": "vae_sweeps"})
+    assert len(study_grids("table1_tuned", [], {"uri": tuning_store(tmp_path / "ended"), "experiment": "vae_sweeps"})) == 20
 
 
 def test_a_part_is_its_tables_not_also_grids_and_must_be_named_by_one():

@@ -132,6 +132,7 @@ def check_spent_and_pruned(folder, result) -> None:
                 max(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step).value)
     winner = trials.winner(trials.load_trials(client, "vae_sweeps"))
     assert winner["trial"] == study.best_trial.number
+    assert trials.ended_studies(client, "vae_sweeps") == {study.study_name}  # its winner may be retrained
     assert f"best {study.best_value:.3f} (trial {study.best_trial.number}" in result.stdout
 
 
@@ -184,7 +185,12 @@ def test_a_tuning_spends_its_budget_prunes_and_after_a_kill_ends_with_the_same_b
 def test_sigterm_closes_the_trial_in_hand_and_queues_it_to_resume(tmp_path, tiny_root):
     prepared_store(tmp_path)
     client = tmp_store(tmp_path)
-    job = subprocess.Popen(tune_cli(tmp_path, tiny_root, slowed=1.0), cwd=tmp_path, env=job_env(),
+    # the study ended at a budget of 2 epochs; the launch below goes on with it to 12, unpruned, so
+    # that its first trial is not stopped by ASHA after its first epoch, where the SIGTERM may land
+    first = run_tuning(tmp_path, tiny_root, "tune.budget=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert trials.ended_studies(client, "vae_sweeps") == {the_study(tmp_path).study_name}
+    job = subprocess.Popen(tune_cli(tmp_path, tiny_root, "tune.prune=false", slowed=1.0), cwd=tmp_path, env=job_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not any(
@@ -200,6 +206,7 @@ def test_sigterm_closes_the_trial_in_hand_and_queues_it_to_resume(tmp_path, tiny
     assert queued.system_attrs["fixed_params"] == stopped.params and queued.user_attrs["retry_of"] == stopped.number
     (run,) = [r for r in trial_runs(tmp_path) if r.info.status != "FINISHED"]  # the trial in hand's
     assert run.info.status == "KILLED" and int(run.data.tags["resume_from_epoch"]) >= 1
+    assert trials.ended_studies(client, "vae_sweeps") == set()  # gone on with, and stopped: not ended
 
 
 def test_a_trial_whose_run_finished_before_the_study_heard_of_it_is_told_from_its_record(tmp_path, tiny_root):

@@ -15,6 +15,11 @@ meet them, with its params, its per-epoch ``train/*`` and ``val/*`` curves and t
   trial's seeds when it has several);
 - ``tuning.keys``: the searched settings, comma-separated param keys (``optim.lr,data.batch_size``).
 
+A study that has ended (its budget, or its cap of trials, spent and no trial of it left running or
+queued) says so in a tag of that experiment, ``tuning.ended.<study>`` (``ended_tag``), which a
+launch that goes on with the study removes first: a tuned table retrains the winners of ended
+studies only, so that every arm had its whole budget.
+
 A winner is the COMPLETE trial with the lowest value (the lower trial number on a tie); the
 validation set decides, the test set is never seen by the search.
 """
@@ -22,12 +27,15 @@ validation set decides, the test set is never seen by the search.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import re
 
 import pandas as pd
 from mlflow import MlflowClient
 
 from vae_sweeps import identity, store
+from vae_sweeps.errors import ConfigError
 
 PREFIX = "tuning."
 EXPERIMENT, STUDY, TRIAL, STATE, EPOCHS, VALUE, KEYS = (
@@ -39,6 +47,26 @@ COMPLETE, PRUNED = "COMPLETE", "PRUNED"
 def trials_experiment(experiment: str) -> str:
     """The MLflow experiment that holds the tuning trials of the study logged into ``experiment``."""
     return f"{experiment}_tuning"
+
+
+def ended_tag(study: str) -> str:
+    """The tag of the trials' experiment that says the tuning study ``study`` has ended (its
+    name with the characters that MLflow refuses in a key as "_"; the value names it exactly:
+    ``ended_value``)."""
+    return f"{PREFIX}ended." + re.sub(r"[^\w.\- :/]", "_", study)
+
+
+def ended_value(study: str, epochs: int, budget: int) -> str:
+    """The value of ``ended_tag(study)``: the study and what it spent, as JSON."""
+    return json.dumps({"study": study, "epochs": epochs, "budget": budget})
+
+
+def ended_studies(client: MlflowClient | None, experiment: str) -> set[str]:
+    """The tuning studies that have ended (``ended_tag``) among the trials of the study logged into
+    ``experiment`` (none without a store)."""
+    found = client.get_experiment_by_name(trials_experiment(experiment)) if client else None
+    prefix = ended_tag("")
+    return {json.loads(value)["study"] for key, value in (found.tags if found else {}).items() if key.startswith(prefix)}
 
 
 def load_trials(client: MlflowClient | None, experiment: str) -> pd.DataFrame:
@@ -87,12 +115,23 @@ def searched(trial: dict) -> dict[str, str]:
     return {key: trial[key] for key in keys.split(",") if key} if isinstance(keys, str) else {}
 
 
-def tuned_by(trials: pd.DataFrame):
+def tuned_by(trials: pd.DataFrame, ended: set[str] | None = None):
     """The ``tuned`` callable of tables.part_jobs and the report over ``trials`` (load_trials):
     (table, tuning experiment, cell settings) -> the searched settings of the winner of the
-    cell's arm (``arm``, ``winner``), or None while the arm has no COMPLETE trial."""
+    cell's arm (``arm``, ``winner``), or None while the arm has no COMPLETE trial. Given the
+    ``ended`` studies (ended_studies), an arm whose study has not ended raises ConfigError: its
+    winner may still change, and its budget is not yet the others'."""
     def tuned(table: str, tuning: str, settings: dict) -> dict[str, str] | None:
-        best = winner(arm(trials, tuning, settings))
+        trials_of_arm = arm(trials, tuning, settings)
+        best = winner(trials_of_arm)
+        if best is not None and ended is not None and best["study"] not in ended:
+            from vae_sweeps.tables import tuning_command
+
+            raise ConfigError(
+                f"{table}'s arm is tuned by the study {best['study']}, which has not ended in this store "
+                f"({int(trials_of_arm['epochs'].sum())} epochs spent): its budget is not spent yet, or its last "
+                f"launch was stopped, so its winner may still change. Run `{tuning_command({'tuned_from': tuning})}` "
+                "to finish it first (the same command continues it).")
         return None if best is None else searched(best)
 
     return tuned
@@ -100,15 +139,17 @@ def tuned_by(trials: pd.DataFrame):
 
 def tuned_from_store(uri: str, experiment: str):
     """``tuned_by`` over the trials of the study logged into ``experiment`` at the store ``uri``
-    (store.resolve_uri'd), read at the first call, so that a part without a tuned table opens
-    no store; a SQLite store that does not exist has no trials (and is not created)."""
+    (store.resolve_uri'd) and its ended studies, read at the first call, so that a part without a
+    tuned table opens no store; a SQLite store that does not exist has no trials (and is not
+    created)."""
     @functools.cache
-    def loaded() -> pd.DataFrame:
+    def loaded():
         db = store.sqlite_path(uri)
         exists = db is None or db.exists()
-        return load_trials(store.RetryingClient(MlflowClient(tracking_uri=uri)) if exists else None, experiment)
+        client = store.RetryingClient(MlflowClient(tracking_uri=uri)) if exists else None
+        return tuned_by(load_trials(client, experiment), ended_studies(client, experiment))
 
-    return lambda table, tuning, settings: tuned_by(loaded())(table, tuning, settings)
+    return lambda table, tuning, settings: loaded()(table, tuning, settings)
 
 
 # ---------------------------------------------------------------------------- what the report shows

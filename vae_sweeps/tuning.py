@@ -20,6 +20,10 @@ The rules, in the order a worker meets them (``next_trial``, under the study's l
 3. TPE samples the space with a seed made of ``sampler_seed`` and the number of trials asked so far,
    so the same history gives the same next trial, also after a stop and a resume.
 
+A worker that finds its study at its end (nothing left to ask, no trial running or queued)
+marks it ended in the store (``mark_ended``, trials.ended_tag); a worker that starts removes the
+mark first. A tuned table retrains the winners of ended studies only.
+
 A study whose storage was lost (a journal left behind on another machine) is rebuilt from the
 store: its trials are drawn again in the same order (rule 3), each finds its FINISHED run and is
 told from its record, with the epochs it spent, so nothing trains twice and the budget holds.
@@ -577,6 +581,18 @@ def run_trial(cfg: DictConfig, study, trial) -> dict:
     return {**outcome, "value": value}
 
 
+def mark_ended(cfg: DictConfig, study: str, ended: str | None) -> None:
+    """Say in the store that ``study`` has ended (``ended``: trials.ended_value), or remove the
+    mark (None): the tag trials.ended_tag of the trials' experiment, which a tuned table requires."""
+    client, experiment_id = store.open_store(store.resolve_uri(cfg.tracking.uri),
+                                             trials.trials_experiment(cfg.tracking.experiment))
+    tag = trials.ended_tag(study)
+    if ended is not None:
+        client.set_experiment_tag(experiment_id, tag, ended)
+    elif tag in client.get_experiment(experiment_id).tags:
+        client.delete_experiment_tag(experiment_id, tag)
+
+
 def work(cfg: DictConfig) -> dict:
     """One worker of an arm's study (``tune.study``): trials until the budget is spent. Returns
     {study, trials (trained here), best (the study's best value so far), best_trial}."""
@@ -584,6 +600,7 @@ def work(cfg: DictConfig) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial, below
     study = open_study(cfg)
+    mark_ended(cfg, study.study_name, None)  # going on with it: not ended until nothing is left
     done = 0
     while (trial := next_trial(study, cfg)) is not None:
         log.info("%s: trial %d (%s), %d of %d epoch(s) committed", study.study_name, trial.number,
@@ -593,6 +610,8 @@ def work(cfg: DictConfig) -> dict:
         done += 1
         log.info("%s: trial %d %s, value %.3f after %s epoch(s)", study.study_name, trial.number, outcome["state"],
                  outcome.get("value", math.nan), outcome.get("epochs", "?"))
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)):
+        mark_ended(cfg, study.study_name, trials.ended_value(study.study_name, committed(study), cfg.tune.budget))
     best = None
     try:
         best = study.best_trial
