@@ -41,6 +41,8 @@ PROGRESS ?= results/in-progress/mlflow.db
 # Every part in turn; a part with failed jobs does not stop the others, but fails the target.
 # ($(2): a prefix of each job's command; make study's unsets MLFLOW_TRACKING_URI, which would win over STUDY_URI.)
 run_study = status=0; for part in $(STUDY); do $(2) $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
+# The study's store, from its committed records where this machine has none (make study, tune, tuned).
+restore_study = $(PY) -m vae_sweeps.study_store restore $(if $(wildcard $(PROGRESS)),$(PROGRESS),$(PUBLISHED)) $(STUDY_STORE)/mlflow.db
 
 .DEFAULT_GOAL := help
 .PHONY: help install train sweep study save-study study-quick tune tuned report evaluate results check-results test bench bench-tuning server ui clean
@@ -61,7 +63,7 @@ sweep: ## Sweep the four architectures (Hydra multirun); ARGS adds overrides
 	$(PY) -m vae_sweeps -m model=mlp2,mlp3,mlp4,cnn $(ARGS)
 
 study: ## Run (or continue) every part of the study into its store, 30 epochs (many hours on a CPU)
-	$(PY) -m vae_sweeps.study_store restore $(if $(wildcard $(PROGRESS)),$(PROGRESS),$(PUBLISHED)) $(STUDY_STORE)/mlflow.db
+	$(restore_study)
 	@$(call run_study,tracking.uri=$(STUDY_URI) $(ARGS),env -u MLFLOW_TRACKING_URI)
 
 save-study: ## Copy the running study's records (no artifacts) to results/in-progress/, to commit: make study continues from them
@@ -70,11 +72,13 @@ save-study: ## Copy the running study's records (no artifacts) to results/in-pro
 study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (docs/study.md says what it costs)
 	@$(call run_study,$(QUICK) $(ARGS))
 
-tune: ## Equal-budget tuning of Table 1's architectures (Optuna, ASHA; docs/tuning.md), then make tuned
-	$(PY) -m vae_sweeps experiment=tune_table1 $(ARGS)
+tune: ## Equal-budget tuning of Table 1's architectures into the study's store (Optuna, ASHA; docs/tuning.md), then make tuned
+	$(restore_study)
+	env -u MLFLOW_TRACKING_URI $(PY) -m vae_sweeps experiment=tune_table1 tracking.uri=$(STUDY_URI) $(ARGS)
 
-tuned: ## Retrain each architecture's tuning winner at Table 1's seeds (experiment=table1_tuned)
-	$(PY) -m vae_sweeps experiment=table1_tuned $(ARGS)
+tuned: ## Retrain each architecture's tuning winner at Table 1's seeds into the study's store (experiment=table1_tuned)
+	$(restore_study)
+	env -u MLFLOW_TRACKING_URI $(PY) -m vae_sweeps experiment=table1_tuned tracking.uri=$(STUDY_URI) $(ARGS)
 
 report: ## Rebuild the study's tables, claims and figures from MLflow into reports/ (no training)
 	$(PY) -m vae_sweeps.report $(ARGS)
