@@ -4,9 +4,11 @@ and a second launch, and two workers sharing one study."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -15,6 +17,8 @@ from optuna.trial import TrialState
 from conftest import all_runs, job_env, prepared_store, slowed_cli, tiny_overrides, tmp_store
 from vae_sweeps import trials, tuning
 from vae_sweeps.errors import ConfigError
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 # One arm (mlp2), 12 epochs of budget, trials of 1 to 4 epochs, ASHA halving at 1, 2 and 4 epochs.
 TINY = ["experiment=tune_table1", "hydra.sweeper.part=null", "hydra.sweeper.params={model:mlp2}",
@@ -377,3 +381,35 @@ def test_of_two_runs_of_one_configuration_started_on_two_hosts_the_earlier_train
     assert not runs.claimed(client, experiment_id, key, mine, settle_s=0)  # another host's started before it
     client.set_tag(earlier, "heartbeat", "0")  # that host's run is long gone
     assert runs.claimed(client, experiment_id, key, mine, settle_s=0)
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("tuning_bench", PROJECT / "benchmarks" / "tuning_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# four trials' validation losses after epochs 1-4; with a first rung of 1 epoch and a factor of 2
+# the rungs are at 1, 2 and 4 epochs
+CURVES = [[10, 9, 8, 7], [5, 4, 3, 2], [12, 11, 10, 9], [6, 5, 4, 3]]
+
+
+def test_the_bench_replays_optunas_successive_halving_as_the_callback_asks_it():
+    import optuna
+
+    bench = bench_module()
+    halving = optuna.pruners.SuccessiveHalvingPruner
+    # trial 0 is the only one at each rung and goes on (4 epochs); trial 1 is the best at both (4);
+    # trial 2 is not the best of 3 after 1 epoch (1 epoch); trial 3 is in the best 2 of 4 after 1
+    # epoch, not the best of 3 after 2 (2 epochs): 11 epochs, trial 1 (loss 2) selected
+    assert bench.replay_optuna(CURVES, halving(min_resource=1, reduction_factor=2)) == (11, 1)
+    # no promotion before 2 trials reach a rung: trials 0 and 2 stop at 1 epoch, 1 and 3 at 2; none completes
+    assert bench.replay_optuna(CURVES, halving(min_resource=1, reduction_factor=2, bootstrap_count=1)) == (6, None)
+
+
+def test_the_bench_replays_asha_that_pauses_the_trials_it_does_not_promote():
+    # trial 1 goes on to 2 epochs once trials 0 and 1 have 1 (the best 1 of 2), trial 3 once four
+    # have 1 (the best 2 of 4), trial 1 to 4 epochs once two have 2 (the best 1 of 2); trials 0 and
+    # 2 stay paused: 1 + 4 + 1 + 2 epochs, trial 1 selected
+    assert bench_module().replay_paused(CURVES, min_epochs=1, factor=2) == (8, 1)
