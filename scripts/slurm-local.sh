@@ -6,7 +6,7 @@
 #   b. a job with a 1-minute time limit that trains for longer: it is signalled, requeued and
 #      resumed, and ends FINISHED in the same MLflow run, every epoch logged once;
 #   c. a tuning study (docs/tuning.md) drawn by two SLURM jobs at once: the two finish one study,
-#      no trial twice, its budget spent to the epoch.
+#      no trial twice, its budget spent to the epoch, and mark it ended in the store.
 # Everything lives in one temp dir, removed at the end; every process started here is stopped
 # by its PID. Runs as root (slurmd starts the jobs as their user). About 8 minutes on 2 busy
 # cores, and never more than 14.
@@ -238,7 +238,9 @@ problems = [*(["a trial is not COMPLETE or PRUNED: %s" % [t.state.name for t in 
             *([f"runs of trials {numbers}, not each of {[t.number for t in done]} once"]
               if numbers != [t.number for t in done] else []),
             *([f"a run is not FINISHED"] if any(run.info.status != "FINISHED" for run in runs) else [])]
-print("\n".join(problems) or f"{len(done)} trials by 2 workers, {spent} epochs, best {study.best_value:.2f}")
+ended = [key for key in client.get_experiment_by_name("slurm-local_tuning").tags if key.startswith("tuning.ended.")]
+problems += [f"the study is not marked ended once in the store: {ended}"] if len(ended) != 1 else []
+print("\n".join(problems) or f"{len(done)} trials by 2 workers, {spent} epochs, best {study.best_value:.2f}, ended")
 sys.exit(1 if problems else 0)
 PYEOF
 log "   one study, two workers, every trial once and the budget spent (${SECONDS} s so far)"
