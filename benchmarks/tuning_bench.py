@@ -149,7 +149,7 @@ def replays(curves: list[list[float]], min_epochs: int, factor: int) -> None:
                                                bootstrap_count=factor - 1))),
         (f"the same with eta {factor + 1}",
          lambda: replay_optuna(curves, halving(min_resource=min_epochs, reduction_factor=factor + 1))),
-        (f"ASHA pausing the trials it does not promote (Li et al. 2020; not in Optuna)",
+        ("ASHA pausing the trials it does not promote (Li et al. 2020; not in Optuna)",
          lambda: replay_paused(curves, min_epochs, factor)),
     )
     print(f"   replayed on the unpruned arm's {len(curves)} curves (the same trials in the same order, no "
