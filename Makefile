@@ -41,8 +41,10 @@ PROGRESS ?= results/in-progress/mlflow.db
 # Every part in turn; a part with failed jobs does not stop the others, but fails the target.
 # ($(2): a prefix of each job's command; make study's unsets MLFLOW_TRACKING_URI, which would win over STUDY_URI.)
 run_study = status=0; for part in $(STUDY); do $(2) $(PY) -m vae_sweeps experiment=$$part $(1) || status=1; done; exit $$status
-# The study's store, from its committed records where this machine has none (make study, tune, tuned).
+# The study's store, from its committed records where this machine has none (make study, tune, tuned),
+# and one part ($(1)) into it.
 restore_study = $(PY) -m vae_sweeps.study_store restore $(if $(wildcard $(PROGRESS)),$(PROGRESS),$(PUBLISHED)) $(STUDY_STORE)/mlflow.db
+study_part = env -u MLFLOW_TRACKING_URI $(PY) -m vae_sweeps experiment=$(1) tracking.uri=$(STUDY_URI) $(ARGS)
 
 .DEFAULT_GOAL := help
 .PHONY: help install train sweep study save-study study-quick tune tuned report evaluate results check-results test bench bench-tuning server ui clean
@@ -74,11 +76,11 @@ study-quick: ## The study's grid with 1 seed and 4 epochs, for a first look (doc
 
 tune: ## Equal-budget tuning of Table 1's architectures into the study's store (Optuna, ASHA; docs/tuning.md), then make tuned
 	$(restore_study)
-	env -u MLFLOW_TRACKING_URI $(PY) -m vae_sweeps experiment=tune_table1 tracking.uri=$(STUDY_URI) $(ARGS)
+	$(call study_part,tune_table1)
 
 tuned: ## Retrain each architecture's tuning winner at Table 1's seeds into the study's store (experiment=table1_tuned)
 	$(restore_study)
-	env -u MLFLOW_TRACKING_URI $(PY) -m vae_sweeps experiment=table1_tuned tracking.uri=$(STUDY_URI) $(ARGS)
+	$(call study_part,table1_tuned)
 
 report: ## Rebuild the study's tables, claims and figures from MLflow into reports/ (no training)
 	$(PY) -m vae_sweeps.report $(ARGS)

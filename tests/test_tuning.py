@@ -8,17 +8,14 @@ import importlib.util
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import all_runs, job_env, prepared_store, slowed_cli, tiny_overrides, tmp_store
+from conftest import ROOT, all_runs, job_env, prepared_store, slowed_cli, tiny_overrides, tmp_store
 from vae_sweeps import trials, tuning
 from vae_sweeps.errors import ConfigError
-
-PROJECT = Path(__file__).resolve().parents[1]
 
 # One arm (mlp2), 12 epochs of budget, trials of 1 to 4 epochs, ASHA halving at 1, 2 and 4 epochs.
 TINY = ["experiment=tune_table1", "hydra.sweeper.part=null", "hydra.sweeper.params={model:mlp2}",
@@ -384,7 +381,7 @@ def test_of_two_runs_of_one_configuration_started_on_two_hosts_the_earlier_train
 
 
 def bench_module():
-    spec = importlib.util.spec_from_file_location("tuning_bench", PROJECT / "benchmarks" / "tuning_bench.py")
+    spec = importlib.util.spec_from_file_location("tuning_bench", ROOT / "benchmarks" / "tuning_bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

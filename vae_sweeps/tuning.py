@@ -581,14 +581,14 @@ def run_trial(cfg: DictConfig, study, trial) -> dict:
     return {**outcome, "value": value}
 
 
-def mark_ended(cfg: DictConfig, study: str, ended: str | None) -> None:
-    """Say in the store that ``study`` has ended (``ended``: trials.ended_value), or remove the
-    mark (None): the tag trials.ended_tag of the trials' experiment, which a tuned table requires."""
+def mark_ended(cfg: DictConfig, study: str, spent: int | None) -> None:
+    """Say in the store that ``study`` has ended, having ``spent`` epochs, or remove the mark
+    (None): the tag trials.ended_tag of the trials' experiment, which a tuned table requires."""
     client, experiment_id = store.open_store(store.resolve_uri(cfg.tracking.uri),
                                              trials.trials_experiment(cfg.tracking.experiment))
     tag = trials.ended_tag(study)
-    if ended is not None:
-        client.set_experiment_tag(experiment_id, tag, ended)
+    if spent is not None:
+        client.set_experiment_tag(experiment_id, tag, trials.ended_value(study, spent, cfg.tune.budget))
     elif tag in client.get_experiment(experiment_id).tags:
         client.delete_experiment_tag(experiment_id, tag)
 
@@ -611,7 +611,7 @@ def work(cfg: DictConfig) -> dict:
         log.info("%s: trial %d %s, value %.3f after %s epoch(s)", study.study_name, trial.number, outcome["state"],
                  outcome.get("value", math.nan), outcome.get("epochs", "?"))
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)):
-        mark_ended(cfg, study.study_name, trials.ended_value(study.study_name, committed(study), cfg.tune.budget))
+        mark_ended(cfg, study.study_name, committed(study))
     best = None
     try:
         best = study.best_trial
