@@ -89,7 +89,8 @@ def test_restore_takes_paths_relative_to_the_working_folder(tmp_path, monkeypatc
 @pytest.mark.parametrize("target, part", [("tune", "tune_table1"), ("tuned", "table1_tuned")])
 def test_make_tune_and_tuned_train_into_the_studys_store_restored_as_make_studys(target, part):
     """So that `make results` publishes the tuning and the tuned table with the study."""
-    planned = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), target, "PY=py", "PROGRESS=none.db"],
+    planned = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(ROOT / "Makefile"), target,
+                              "PY=py", "PROGRESS=none.db"],
                              check=True, capture_output=True, text=True).stdout.splitlines()
     assert planned == ["py -m vae_sweeps.study_store restore results/store/mlflow.db mlruns/study/mlflow.db",
                        f"env -u MLFLOW_TRACKING_URI py -m vae_sweeps experiment={part} "
