@@ -5,9 +5,11 @@ and a second launch, and two workers sharing one study."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -307,6 +309,34 @@ def test_two_workers_share_one_study_without_duplicate_trials(tmp_path, tiny_roo
     numbers = [int(r.data.tags[trials.TRIAL]) for r in runs]
     assert sorted(numbers) == sorted(set(numbers)) == [t.number for t in done]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_worker_that_waits_for_budget_says_so_once_per_amount_left(make_cfg, monkeypatch, caplog):
+    """It polls every POLL_S while another worker's trial holds the budget: one line per amount
+    left, not one per poll (a 30-epoch trial held a waiting worker's log at a line every 2 s)."""
+    cfg = make_cfg("experiment=tune_table1", "tune.budget=30", "tune.min_epochs=3")
+    Path(tuning.storage_url(cfg)[len("journal:"):]).parent.mkdir(parents=True, exist_ok=True)  # the study's lock
+    study = optuna.create_study()
+    held = study.ask()  # another worker's trial (this process: alive), holding the whole budget
+    held.set_user_attr("reserve", 30)
+    tuning.beat(held)
+    polls = []
+
+    def poll(seconds):
+        polls.append(seconds)
+        if len(polls) == 3:  # it frees an epoch: still below a trial (3 epochs), so the worker waits on
+            held.set_user_attr("reserve", 29)
+        if len(polls) == 5:  # it ends, and what it left is below a trial: the worker has nothing to do
+            held.set_user_attr("epochs", 29)
+            study.tell(held, 150.0)
+
+    monkeypatch.setattr(tuning.time, "sleep", poll)
+    with caplog.at_level(logging.INFO, logger="vae_sweeps.tuning"):
+        assert tuning.next_trial(study, cfg) is None
+    waiting = [r.getMessage().split(": ", 1)[1] for r in caplog.records if "waiting" in r.getMessage()]
+    assert len(polls) == 5 and waiting == [
+        "0 epoch(s) of the budget left, held by other workers' trials; waiting",
+        "1 epoch(s) of the budget left, held by other workers' trials; waiting"]
 
 
 def test_a_trial_of_several_seeds_is_the_mean_of_its_seeds(tmp_path, tiny_root):

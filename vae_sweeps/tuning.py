@@ -343,6 +343,7 @@ def next_trial(study, cfg: DictConfig):
     from optuna.trial import TrialState
 
     tune = cfg.tune
+    said = None  # the budget left when this worker last said it waits: said again only when it changes
     while True:
         with study_lock(study, cfg):
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -368,7 +369,10 @@ def next_trial(study, cfg: DictConfig):
             others = any(worker_alive(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if not others or (tune.trials is not None and asked >= tune.trials):
             return None
-        log.info("%s: %d epoch(s) of the budget left, held by other workers' trials; waiting", study.study_name, left)
+        if left != said:
+            log.info("%s: %d epoch(s) of the budget left, held by other workers' trials; waiting", study.study_name,
+                     left)
+            said = left
         time.sleep(POLL_S)
 
 
