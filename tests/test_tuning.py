@@ -313,7 +313,7 @@ def test_two_workers_share_one_study_without_duplicate_trials(tmp_path, tiny_roo
 
 def test_a_worker_that_waits_for_budget_says_so_once_per_amount_left(make_cfg, monkeypatch, caplog):
     """It polls every POLL_S while another worker's trial holds the budget: one line per amount
-    left, not one per poll (a 30-epoch trial held a waiting worker's log at a line every 2 s)."""
+    left, not one per poll (while another's 30-epoch trial ran, a waiting worker logged a line every 2 s)."""
     cfg = make_cfg("experiment=tune_table1", "tune.budget=30", "tune.min_epochs=3")
     Path(tuning.storage_url(cfg)[len("journal:"):]).parent.mkdir(parents=True, exist_ok=True)  # the study's lock
     study = optuna.create_study()
