@@ -138,8 +138,8 @@ def test_the_equal_budget_curve_is_the_running_best_against_the_epochs_spent(tun
     # mlp2 in the order the trials ended: 150 at 10 epochs; the pruned trial's 3 epochs, no point;
     # 145 at 23; 147 at 33 keeps 145
     assert curve["tune_table1/model=mlp2"] == [(10, 150.0), (23, 145.0), (33, 145.0)]
-    # mlp3: trial 1 ended first; the pruned trial at the end adds no point
-    assert curve["tune_table1/model=mlp3"] == [(10, 139.0), (20, 139.0)]
+    # mlp3: trial 1 ended first; the pruned trial at the end carries the best on to its 2 epochs
+    assert curve["tune_table1/model=mlp3"] == [(10, 139.0), (20, 139.0), (22, 139.0)]
     assert curve["tune_other/model=mlp2"] == [(5, 100.0)]
     path = built["figures"]["tuning_curves"]
     assert path.name == "tuning_curves.png" and png_size(path) == figures.SIZES["tuning_curves"]

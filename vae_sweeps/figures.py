@@ -225,21 +225,26 @@ def loss_curves(curves: dict[str, dict[str, list[tuple]]], caption: str,
     return fig
 
 
-def tuning_curves(curves: dict[str, list[tuple[int, float]]], caption: str) -> Figure:
+def tuning_curves(curves: dict[str, list[tuple[int, float]]], caption: str, legend_title: str | None = None
+                  ) -> Figure:
     """The equal-budget curves of tuning studies (Dodge et al. 2019): ``curves[label]`` =
     [(training epochs spent so far, best validation loss so far)] (trials.equal_budget_curve),
-    one step line per study, the best value holding until a later trial lowers it."""
+    one step line per study, the best value holding until a later trial lowers it (a dot)."""
     fig = new_figure("tuning_curves")
-    ax = fig.add_axes((0.1, 0.12, 0.62, 0.8))
+    width = SIZES["tuning_curves"][0]
+    legend = max(text_width(text, 8) for text in [*curves, legend_title or ""]) + 50  # handles and margins
+    ax = fig.add_axes((0.1, 0.16, min(0.62, 0.88 - legend / width), 0.76))  # room for a 2-line caption
     for i, (label, points) in enumerate(curves.items()):
         epochs, best = zip(*points)
         ax.step(epochs, best, where="post", color=f"C{i % 10}", label=label)
-        ax.plot(epochs, best, "o", color=f"C{i % 10}", markersize=3)
+        lowered = [point for j, point in enumerate(points) if j == 0 or point[1] < points[j - 1][1]]
+        ax.plot(*zip(*lowered), "o", color=f"C{i % 10}", markersize=3)
     ax.set_xlabel("training epochs spent by the study so far (pruned trials' included)")
     ax.set_ylabel("best validation loss so far (COMPLETE trials)")
     ax.set_title("Equal-budget tuning curves (Dodge et al. 2019): best validation loss by epochs spent", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False, title=legend_title,
+              title_fontsize=8)
     _caption(fig, caption)
     return fig
 

@@ -214,9 +214,12 @@ def draw_figures(client: MlflowClient, report: Report, folder: Path) -> None:
     curves = {study: points for study, points in curves.items() if points}
     if curves:
         report.made[TUNING_CURVES] = folder / f"{TUNING_CURVES}.png"
-        figures.tuning_curves(curves, f"the MLflow experiment {trials.trials_experiment(report.experiment)}: trials in "
-                              "the order they ended; pruned trials add epochs but no point").savefig(
-            report.made[TUNING_CURVES])
+        tunings = {study.split("/")[0] for study in curves}  # one tuning experiment: the legend's title
+        title = tunings.pop() if len(tunings) == 1 and all("/" in study for study in curves) else None
+        labels = {study.split("/", 1)[1] if title else study: points for study, points in curves.items()}
+        figures.tuning_curves(labels, f"the MLflow experiment {trials.trials_experiment(report.experiment)}: trials in "
+                              "the order they ended | a dot: a trial that lowered the best | pruned trials add "
+                              "epochs but no dot", legend_title=title).savefig(report.made[TUNING_CURVES])
 
 
 def build_report(client: MlflowClient, experiment: str, out: Path, source: str = "", drop: set[str] = frozenset()
@@ -441,8 +444,9 @@ def tuning_markdown(report: Report) -> list[str]:
     if TUNING_CURVES in report.made:
         title = "Equal-budget tuning curves (Dodge et al. 2019)"
         lines += ["The best validation loss each study had found against the training epochs it had spent, trial by "
-                  "trial in the order the trials ended: a study whose curve is lower at the same budget tuned "
-                  "better.", "", f"![{title}](figures/{report.made[TUNING_CURVES].name})", ""]
+                  "trial in the order the trials ended, each line running on to every epoch its study spent: a "
+                  "study whose curve is lower at the same budget tuned better, and a long flat end says that "
+                  "more of the same budget found nothing better.", "", f"![{title}](figures/{report.made[TUNING_CURVES].name})", ""]
     return lines
 
 

@@ -174,13 +174,16 @@ def equal_budget_curve(trials: pd.DataFrame) -> list[tuple[int, float]]:
     """One study's curve of the best validation loss so far against the training epochs spent so
     far (Dodge et al. 2019, "Show your work"): the trials in the order they ended (their runs'
     end_time, then trial number), each adding its epochs; a COMPLETE trial adds the point
-    (epochs so far, lowest COMPLETE value so far), a PRUNED one adds epochs but no point."""
+    (epochs so far, lowest COMPLETE value so far), a PRUNED one adds epochs but no point, except
+    that the curve runs on to every epoch spent: the budget a reader judges it by."""
     points, spent, best = [], 0, math.inf
     for trial in trials.sort_values(["end_time", "trial"]).to_dict("records"):
         spent += int(trial["epochs"])
         if trial["state"] == COMPLETE:
             best = min(best, float(trial["value"]))
             points.append((spent, best))
+    if points and points[-1][0] < spent:
+        points.append((spent, best))
     return points
 
 
