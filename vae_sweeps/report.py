@@ -446,7 +446,8 @@ def tuning_markdown(report: Report) -> list[str]:
         lines += ["The best validation loss each study had found against the training epochs it had spent, trial by "
                   "trial in the order the trials ended, each line running on to every epoch its study spent: a "
                   "study whose curve is lower at the same budget tuned better, and a long flat end says that "
-                  "more of the same budget found nothing better.", "", f"![{title}](figures/{report.made[TUNING_CURVES].name})", ""]
+                  "more of the same budget found nothing better.", "",
+                  f"![{title}](figures/{report.made[TUNING_CURVES].name})", ""]
     return lines
 
 
