@@ -214,9 +214,9 @@ def draw_figures(client: MlflowClient, report: Report, folder: Path) -> None:
     curves = {study: points for study, points in curves.items() if points}
     if curves:
         report.made[TUNING_CURVES] = folder / f"{TUNING_CURVES}.png"
-        tunings = {study.split("/")[0] for study in curves}  # one tuning experiment: the legend's title
-        title = tunings.pop() if len(tunings) == 1 and all("/" in study for study in curves) else None
-        labels = {study.split("/", 1)[1] if title else study: points for study, points in curves.items()}
+        tunings = report.trials.loc[report.trials["study"].isin(curves), "experiment"].unique()
+        title = tunings[0] if len(tunings) == 1 else None  # one tuning experiment: the legend's title
+        labels = {study.removeprefix(f"{title}/") if title else study: points for study, points in curves.items()}
         figures.tuning_curves(labels, f"the MLflow experiment {trials.trials_experiment(report.experiment)}: trials in "
                               "the order they ended | a dot: a trial that lowered the best | pruned trials add "
                               "epochs but no dot", legend_title=title).savefig(report.made[TUNING_CURVES])
