@@ -263,6 +263,20 @@ def cell_key(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+UNTUNED = ["untuned_total_mean", "untuned_total_std", "untuned_n"]  # a tuned table's untuned cell, beside it
+
+
+def untuned(done: pd.DataFrame, own: dict) -> dict:
+    """A tuned table's cell ``own`` untuned: the test Total (mean, std, n) of its runs at the
+    defaults (Table 1's runs for Table 1, tuned), so that the report shows what tuning changed;
+    NaN where no run of the cell is at the defaults."""
+    group = pick_group(done, own)
+    if group.empty or non_default(group, own):
+        return dict.fromkeys(UNTUNED, np.nan)
+    numbers = summarise(group)
+    return dict(zip(UNTUNED, (numbers["test_total_mean"], numbers["test_total_std"], numbers["n"])))
+
+
 def build_table(done: pd.DataFrame, spec: dict, name: str = "", tuned=None) -> tuple[pd.DataFrame, list[str]]:
     """(one row per value of the table's row axis, the commands that would fill its gaps). A
     tuned table's cells are completed by ``tuned`` (``tuned_cell``), and its column ``tuned``
@@ -278,6 +292,8 @@ def build_table(done: pd.DataFrame, spec: dict, name: str = "", tuned=None) -> t
         row = {label: "/".join(str(v) for v in row_settings(spec, value).values() if v is not None)}
         if settings is not None and settings != own:
             row["tuned"] = ", ".join(f"{key} = {v}" for key, v in settings.items() if key not in own)
+        if "tuned_from" in spec:
+            row.update(untuned(done, own))
         if settings is None:  # tune, then fill the table
             missing += [c for c in (tuning_command(spec), f"python -m vae_sweeps experiment={spec['experiment']}")
                         if c not in missing]
@@ -288,8 +304,9 @@ def build_table(done: pd.DataFrame, spec: dict, name: str = "", tuned=None) -> t
         if cell_key(value) in published:
             row["study_recon"], row["study_kl"], row["study_total"] = published[cell_key(value)]
         rows.append(row)
-    table = pd.DataFrame(rows).reindex(columns=[label, *columns(), *(["tuned"] if "tuned_from" in spec else [])])
-    for column in ("n", "epochs", "iw_samples", "knn_k"):
+    tuned_columns = ["tuned", *UNTUNED] if "tuned_from" in spec else []
+    table = pd.DataFrame(rows).reindex(columns=[label, *columns(), *tuned_columns])
+    for column in ("n", "epochs", "iw_samples", "knn_k", *UNTUNED[2:] * bool(tuned_columns)):
         table[column] = table[column].astype("Int64")
     table["total_diff"] = table["test_total_mean"] - table["study_total"]
     return table, missing
@@ -358,10 +375,19 @@ def tuned_markdown(table: pd.DataFrame, spec: dict) -> str:
     """A tuned table's tuned settings, a line per row (its column ``tuned``, build_table)."""
     label = row_label(spec)
     lines = [f"- {row[label]}: {row['tuned'] if isinstance(row['tuned'], str) else 'no COMPLETE trial yet'}"
-             for _, row in table.iterrows()]
+             f"{_against_untuned(row)}" for _, row in table.iterrows()]
     return (f"Each row's tuned settings: the searched settings of its arm's winning trial (the COMPLETE one with "
             f"the lowest validation loss) in the tuning experiment `{spec['tuned_from']}` (\"Tuning studies\" in "
-            "report.md):\n\n" + "\n".join(lines))
+            "report.md), and its test Total tuned against untuned (the same cell at the defaults' settings, as "
+            "the untuned table has it):\n\n" + "\n".join(lines))
+
+
+def _against_untuned(row: pd.Series) -> str:
+    tuned = f"{_mean_std(row, 'total')} (n = {_cell(row['n'])})" if not pd.isna(row["test_total_mean"]) else DASH
+    if pd.isna(row["untuned_total_mean"]):
+        return "" if tuned == DASH else f"; Total {tuned} tuned, no untuned run"
+    std = "" if pd.isna(row["untuned_total_std"]) else f" ± {row['untuned_total_std']:.2f}"
+    return f"; Total {tuned} tuned, {row['untuned_total_mean']:.2f}{std} (n = {row['untuned_n']}) untuned"
 
 
 def studies_markdown(studies: pd.DataFrame) -> str:
