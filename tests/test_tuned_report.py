@@ -121,6 +121,12 @@ def test_the_tuning_section_counts_each_studys_trials_and_epochs_and_names_its_w
     assert "| tune_table1/model=mlp2 | 4 (3 / 1) | 33 | 145.00 | trial 2: optim.lr = 0.003, data.batch_size = 64 |" in section
     assert "| tune_table1/model=mlp3 | 3 (2 / 1) | 22 | 139.00 | trial 0: optim.lr = 0.002, data.batch_size = 64 |" in section
     assert "| tune_other/model=mlp2 | 1 (1 / 0) | 5 | 100.00 | trial 0: optim.lr = 0.1, data.batch_size = 8 |" in section
+    # in the order the studies had a trial ended (5, 10, 10: a tie goes by name)
+    rows = [section.index(f"| {study} |") for study in ("tune_other/model=mlp2", "tune_table1/model=mlp2",
+                                                         "tune_table1/model=mlp3")]
+    assert rows == sorted(rows)
+    ended = pd.DataFrame({"study": ["t/mlp2", "t/cnn", "t/mlp2", "t/mlp3", "t/cnn"], "end_time": [3, 9, 1, 2, 5]})
+    assert [study for study, _ in trials.by_study(ended)] == ["t/mlp2", "t/mlp3", "t/cnn"]  # not by name
     assert "vae_sweeps_tuning" in section and "](figures/tuning_curves.png)" in section
 
 

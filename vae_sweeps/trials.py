@@ -155,12 +155,19 @@ def tuned_from_store(uri: str, experiment: str):
 # ---------------------------------------------------------------------------- what the report shows
 
 
+def by_study(trials: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(study, its trials) in the order the studies had their first trial ended, then by name: a
+    tuning experiment's arms in the order its sweep ran them (Table 1's rows for tune_table1)."""
+    groups = dict(list(trials.groupby("study")))
+    return sorted(groups.items(), key=lambda item: (item[1]["end_time"].min(), item[0]))
+
+
 def studies(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per study: its trials (complete, pruned), the training epochs they spent in all,
-    and its winner's value, trial number and searched settings ("key = value, ..."; NaN and ""
-    where no trial is COMPLETE)."""
+    """One row per study (in ``by_study``'s order): its trials (complete, pruned), the training
+    epochs they spent in all, and its winner's value, trial number and searched settings ("key =
+    value, ..."; NaN and "" where no trial is COMPLETE)."""
     rows = []
-    for study, group in trials.groupby("study", sort=True):
+    for study, group in by_study(trials):
         best = winner(group) or {}
         rows.append({"study": study, "trials": len(group), "complete": int((group["state"] == COMPLETE).sum()),
                      "pruned": int((group["state"] == PRUNED).sum()), "epochs": int(group["epochs"].sum()),
