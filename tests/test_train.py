@@ -1,5 +1,6 @@
 """One tracked run end to end on tiny generated data: what MLflow must hold afterwards."""
 
+import shutil
 import subprocess
 
 import pytest
@@ -8,7 +9,7 @@ import yaml
 from conftest import ROOT, all_runs, compose_tiny, png_size, tmp_store
 from mlflow import MlflowClient
 
-from vae_sweeps import figures
+from vae_sweeps import figures, tracking
 from vae_sweeps.config import validate
 from vae_sweeps.module import VAEModule
 from vae_sweeps.train import train
@@ -109,6 +110,27 @@ def test_tags_git_commit_and_no_sweep_id_for_a_single_run(finished):
     if head.returncode == 0:
         assert tags["mlflow.source.git.commit"] == head.stdout.strip()
         assert tags["git_dirty"] in ("True", "False")
+
+
+def test_git_dirty_means_a_changed_or_untracked_file_not_a_linked_environment(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    git("init", "-q")
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "code")
+    (tmp_path / ".venv").symlink_to(ROOT)  # a worktree's link to the main checkout's environment
+    (tmp_path / "outputs").mkdir()  # a run's logs (ignored)
+    (tmp_path / "outputs" / "run.log").write_text("")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert tracking.git_tags(tmp_path) == {"mlflow.source.git.commit": head, "git_dirty": "False"}
+    (tmp_path / "new.py").write_text("")  # untracked code
+    assert tracking.git_tags(tmp_path)["git_dirty"] == "True"
+    (tmp_path / "new.py").unlink()
+    (tmp_path / "code.py").write_text("x = 2\n")  # changed code
+    assert tracking.git_tags(tmp_path)["git_dirty"] == "True"
 
 
 def test_a_job_that_raises_is_marked_failed_with_its_reason(make_cfg, tmp_path, monkeypatch):

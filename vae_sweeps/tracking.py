@@ -37,9 +37,9 @@ def config_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(resolved)
 
 
-def git_tags() -> dict[str, str]:
-    """The commit of the code that runs, and whether it has uncommitted changes."""
-    here = Path(__file__).resolve().parent
+def git_tags(here: Path = Path(__file__).resolve().parent) -> dict[str, str]:
+    """The commit of the code that runs (the git work tree of ``here``), and whether it has
+    uncommitted changes: a changed or untracked file that .gitignore does not ignore."""
 
     def git(*args: str) -> str | None:
         try:
