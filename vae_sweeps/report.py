@@ -435,7 +435,8 @@ def tuning_markdown(report: Report) -> list[str]:
     lines = ["## Tuning studies", "",
              "The trials of the tuning studies (the MLflow experiment "
              f"`{trials.trials_experiment(report.experiment)}`, vae_sweeps/trials.py), one study per arm of a tuned "
-             "table, in the order the studies ran (their first trial's end). Each trial trains at a seed of its own and is judged by its validation loss at its last epoch; "
+             "table, in the order the studies ran (their first trial's end). Each trial trains at a seed of its own "
+             "and is judged by its validation loss at its last epoch; "
              "the winner of a study is its COMPLETE trial with the lowest, the lower trial number on a tie (a PRUNED "
              "trial, stopped early, never wins). The tuned tables retrain each winner afresh at their own seeds, and "
              "only they see the test set. *Epochs spent* counts every trial's training epochs, pruned ones included: "

@@ -306,7 +306,7 @@ def build_table(done: pd.DataFrame, spec: dict, name: str = "", tuned=None) -> t
         rows.append(row)
     tuned_columns = ["tuned", *UNTUNED] if "tuned_from" in spec else []
     table = pd.DataFrame(rows).reindex(columns=[label, *columns(), *tuned_columns])
-    for column in ("n", "epochs", "iw_samples", "knn_k", *UNTUNED[2:] * bool(tuned_columns)):
+    for column in ("n", "epochs", "iw_samples", "knn_k", *(["untuned_n"] if tuned_columns else [])):
         table[column] = table[column].astype("Int64")
     table["total_diff"] = table["test_total_mean"] - table["study_total"]
     return table, missing
@@ -378,11 +378,12 @@ def tuned_markdown(table: pd.DataFrame, spec: dict) -> str:
              f"{_against_untuned(row)}" for _, row in table.iterrows()]
     return (f"Each row's tuned settings: the searched settings of its arm's winning trial (the COMPLETE one with "
             f"the lowest validation loss) in the tuning experiment `{spec['tuned_from']}` (\"Tuning studies\" in "
-            "report.md), and its test Total tuned against untuned (the same cell at the defaults' settings, as "
-            "the untuned table has it):\n\n" + "\n".join(lines))
+            "report.md), and its test Total tuned against untuned (the same cell at the defaults, as the untuned "
+            "table has it):\n\n" + "\n".join(lines))
 
 
 def _against_untuned(row: pd.Series) -> str:
+    """"; Total <tuned> tuned, <untuned> untuned" (each mean ± std and n), "" for a row with neither."""
     tuned = f"{_mean_std(row, 'total')} (n = {_cell(row['n'])})" if not pd.isna(row["test_total_mean"]) else DASH
     if pd.isna(row["untuned_total_mean"]):
         return "" if tuned == DASH else f"; Total {tuned} tuned, no untuned run"
