@@ -318,8 +318,8 @@ def _cell(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _mean_std(row: pd.Series, name: str, digits: int = 2) -> str:
-    mean, std = row[f"test_{name}_mean"], row[f"test_{name}_std"]
+def _mean_std(row: pd.Series, name: str, digits: int = 2, prefix: str = "test") -> str:
+    mean, std = row[f"{prefix}_{name}_mean"], row[f"{prefix}_{name}_std"]
     if pd.isna(mean):
         return DASH
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if not pd.isna(std) else f"{mean:.{digits}f}"
@@ -387,8 +387,7 @@ def _against_untuned(row: pd.Series) -> str:
     tuned = f"{_mean_std(row, 'total')} (n = {_cell(row['n'])})" if not pd.isna(row["test_total_mean"]) else DASH
     if pd.isna(row["untuned_total_mean"]):
         return "" if tuned == DASH else f"; Total {tuned} tuned, no untuned run"
-    std = "" if pd.isna(row["untuned_total_std"]) else f" ± {row['untuned_total_std']:.2f}"
-    return f"; Total {tuned} tuned, {row['untuned_total_mean']:.2f}{std} (n = {row['untuned_n']}) untuned"
+    return f"; Total {tuned} tuned, {_mean_std(row, 'total', prefix='untuned')} (n = {row['untuned_n']}) untuned"
 
 
 def studies_markdown(studies: pd.DataFrame) -> str:

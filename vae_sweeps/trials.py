@@ -158,8 +158,7 @@ def tuned_from_store(uri: str, experiment: str):
 def by_study(trials: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(study, its trials) in the order the studies had their first trial ended, then by name: a
     tuning experiment's arms in the order its sweep ran them (Table 1's rows for tune_table1)."""
-    groups = dict(list(trials.groupby("study")))
-    return sorted(groups.items(), key=lambda item: (item[1]["end_time"].min(), item[0]))
+    return sorted(trials.groupby("study"), key=lambda item: (item[1]["end_time"].min(), item[0]))
 
 
 def studies(trials: pd.DataFrame) -> pd.DataFrame:
